@@ -1,0 +1,5 @@
+import sys
+
+from apptrace.cli import main
+
+sys.exit(main())

@@ -1,0 +1,206 @@
+"""The one module that imports bcc, and the kernel calls bcc gets wrong or lacks.
+
+bcc compiles and loads our generated C. Attaching goes around bcc's Python:
+- ``bpf_attach_uprobe`` is declared here with its real 7 parameters (bcc's
+  ``libbcc.py`` declares 6, so ``ref_ctr_offset`` is stack garbage there);
+- uprobe_multi links are made with the raw ``bpf(BPF_LINK_CREATE)`` syscall:
+  libbcc links Debian's libbpf 1.1, whose ``bpf_link_create`` options predate
+  uprobe_multi (libbpf 1.3);
+- the ring buffer is read by mapping it ourselves (see :mod:`apptrace.ringbuf`),
+  so events are decoded in batches instead of one ctypes callback each.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+from typing import Any, Optional, Sequence
+
+from apptrace.capabilities import BPF_LINK_CREATE, BPF_TRACE_UPROBE_MULTI, bpf
+from apptrace.errors import ApptraceError, AttachError, BccUnavailableError, \
+    SemaphoreConflictError, TracePermissionError
+
+__all__ = ["import_bcc", "Program", "self_test", "attach_uprobe_perf", "attach_uprobe_multi"]
+
+_bcc: Any = None
+
+
+def import_bcc() -> Any:
+    """Import Debian's bcc, or explain how to get it."""
+    global _bcc
+    if _bcc is None:
+        try:
+            import bcc  # noqa: PLC0415
+        except ImportError as err:
+            raise BccUnavailableError(
+                f"cannot import bcc ({err})",
+                hint="apt-get install python3-bpfcc and make it importable (`make setup`);"
+                     " PyPI's 'bcc' is an unrelated package") from err
+        lib = bcc.libbcc.lib
+        lib.bpf_attach_uprobe.restype = ctypes.c_int
+        lib.bpf_attach_uprobe.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p,
+                                          ctypes.c_char_p, ctypes.c_ulonglong, ctypes.c_int,
+                                          ctypes.c_uint32]
+        _bcc = bcc
+    return _bcc
+
+
+class Program:
+    """Generated C compiled by bcc; owns the BPF module and every fd made from it."""
+
+    def __init__(self, text: str, cflags: Sequence[str] = ()) -> None:
+        bcc = import_bcc()
+        try:
+            self.bpf = bcc.BPF(text=text, cflags=list(cflags))
+        except Exception as err:  # bcc raises bare Exception; stderr has clang's text
+            if os.geteuid() != 0:
+                raise TracePermissionError(f"cannot load BPF programs ({err})") from err
+            raise BccUnavailableError(
+                f"bcc failed to compile the generated program ({err})",
+                hint="kernel headers must be usable: run `make setup` or `apptrace doctor`",
+            ) from err
+        self._fds: list[int] = []
+        self._evnames: list[bytes] = []
+
+    def load(self, name: str, *, multi: bool = False) -> int:
+        bcc = import_bcc()
+        try:
+            fn = self.bpf.load_func(name.encode(), bcc.BPF.KPROBE,
+                                    attach_type=BPF_TRACE_UPROBE_MULTI if multi else -1)
+        except Exception as err:
+            raise ApptraceError(f"the kernel rejected BPF program {name}: {err}") from err
+        return int(fn.fd)
+
+    def map_fd(self, name: str) -> int:
+        return int(self.bpf.get_table(name).map_fd)
+
+    def table(self, name: str) -> Any:
+        return self.bpf.get_table(name)
+
+    def attach_perf(self, prog_fd: int, path: str, offset: int, pid: int,
+                    ref_ctr_offset: int, retprobe: bool, probe: str) -> None:
+        fd, evname = attach_uprobe_perf(prog_fd, path, offset, pid, ref_ctr_offset,
+                                        retprobe, probe)
+        self._fds.append(fd)
+        self._evnames.append(evname)
+
+    def attach_multi(self, prog_fd: int, path: str, offsets: Sequence[int],
+                     ref_ctr_offsets: Sequence[int], cookies: Sequence[int], pid: int,
+                     retprobe: bool, probe: str) -> None:
+        self._fds.append(attach_uprobe_multi(prog_fd, path, offsets, ref_ctr_offsets,
+                                             cookies, pid, retprobe, probe))
+
+    def close(self) -> None:
+        """Detach everything (links and perf events first), then free the module."""
+        lib = import_bcc().libbcc.lib
+        for fd in self._fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds.clear()
+        for ev in self._evnames:
+            lib.bpf_detach_uprobe(ev)  # removes a tracefs entry if bcc had to make one
+        self._evnames.clear()
+        if self.bpf is not None:
+            try:
+                self.bpf.cleanup()
+            finally:
+                self.bpf = None
+
+
+def _attach_error(errno: int, probe: str, path: str, offset: int, ref: int) -> AttachError:
+    import errno as E
+
+    where = f"{path}+{offset:#x}"
+    if errno in (E.EPERM, E.EACCES):
+        return AttachError(f"permission denied attaching {probe} at {where}", errno=errno,
+                           probe=probe, hint="tracing needs root (or CAP_BPF+CAP_PERFMON)")
+    if errno == E.EINVAL and ref:
+        return SemaphoreConflictError(
+            f"the kernel refused {probe} at {where}: another uprobe already sits on this"
+            f" site with a different semaphore offset (ref_ctr_offset {ref:#x})",
+            errno=errno, probe=probe,
+            hint="another tracer (bpftrace, bcc, perf) holds a plain uprobe here; stop it,"
+                 " or use --semaphores procmem")
+    if errno == E.ENOENT:
+        return AttachError(f"{path} vanished while attaching {probe}", errno=errno,
+                           probe=probe)
+    if errno == E.ESRCH:
+        return AttachError(f"the target process exited while attaching {probe}",
+                           errno=errno, probe=probe)
+    return AttachError(f"cannot attach {probe} at {where}: {os.strerror(errno)}",
+                       errno=errno, probe=probe)
+
+
+def attach_uprobe_perf(prog_fd: int, path: str, offset: int, pid: int, ref_ctr_offset: int,
+                       retprobe: bool, probe: str) -> tuple[int, bytes]:
+    """One perf-event uprobe through libbcc's 7-argument ``bpf_attach_uprobe``."""
+    lib = import_bcc().libbcc.lib
+    evname = b"apptrace_%d_%x_%d" % (os.getpid(), offset, len(path)) + os.urandom(4).hex().encode()
+    ctypes.set_errno(0)
+    fd = lib.bpf_attach_uprobe(prog_fd, 1 if retprobe else 0, evname, path.encode(), offset,
+                               pid, ref_ctr_offset)
+    if fd < 0:
+        raise _attach_error(ctypes.get_errno() or 22, probe, path, offset, ref_ctr_offset)
+    return fd, evname
+
+
+def attach_uprobe_multi(prog_fd: int, path: str, offsets: Sequence[int],
+                        ref_ctr_offsets: Sequence[int], cookies: Sequence[int], pid: int,
+                        retprobe: bool, probe: str) -> int:
+    """One uprobe_multi link for every offset of one file (kernel >= 6.6)."""
+    n = len(offsets)
+    cpath = ctypes.create_string_buffer(path.encode())
+    offs = (ctypes.c_uint64 * n)(*offsets)
+    refs = (ctypes.c_uint64 * n)(*ref_ctr_offsets)
+    cks = (ctypes.c_uint64 * n)(*cookies)
+    attr = ctypes.create_string_buffer(144)
+    # union bpf_attr.link_create: prog_fd, target_fd, attach_type, flags, then
+    # uprobe_multi { path, offsets, ref_ctr_offsets, cookies, cnt, flags, pid }.
+    struct.pack_into("<IIII", attr, 0, prog_fd, 0, BPF_TRACE_UPROBE_MULTI, 0)
+    struct.pack_into("<QQQQIII", attr, 16, ctypes.addressof(cpath), ctypes.addressof(offs),
+                     ctypes.addressof(refs) if any(ref_ctr_offsets) else 0,
+                     ctypes.addressof(cks), n, 1 if retprobe else 0, max(pid, 0))
+    fd, err = bpf(BPF_LINK_CREATE, attr)
+    if fd < 0:
+        bad = next((r for r in ref_ctr_offsets if r), 0)
+        raise _attach_error(err, probe, path, offsets[0] if offsets else 0, bad)
+    return fd
+
+
+def self_test(compile_test: bool = True) -> tuple[bool, str]:
+    """For ``apptrace doctor``: can bcc be imported and compile a uprobe program?"""
+    try:
+        bcc = import_bcc()
+    except BccUnavailableError as err:
+        return False, str(err)
+    where = os.path.dirname(bcc.__file__)
+    if not compile_test:
+        return True, f"importable from {where}"
+    import contextlib
+    import io
+
+    text = ("#include <uapi/linux/ptrace.h>\n"
+            "BPF_RINGBUF_OUTPUT(apptrace_selftest, 1);\n"
+            "int apptrace_selftest_fn(struct pt_regs *ctx) { u64 v = ctx->ip;"
+            " apptrace_selftest.ringbuf_output(&v, sizeof(v), 0); return 0; }\n")
+    err_text = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err_text):
+            p = Program(text)
+            p.load("apptrace_selftest_fn")
+            p.close()
+    except ApptraceError as err:
+        return False, f"{err}"
+    return True, f"compiles and loads uprobe programs (bcc from {where})"
+
+
+def read_int(table: Any, key: int = 0) -> int:
+    """Sum of a per-CPU or plain array slot."""
+    v: Optional[Any] = table[table.Key(key)]
+    try:
+        return int(sum(v))  # per-CPU arrays come back as a list
+    except TypeError:
+        return int(v.value)

@@ -1,0 +1,68 @@
+"""The ``apptrace`` command line: one class per command, ``main(argv) -> int``.
+
+Only this package prints or exits. Library errors (:class:`ApptraceError`)
+become one line on stderr and exit status 1; bad usage exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from typing import Optional, Sequence
+
+from apptrace.cli.base import Command, CommandError
+from apptrace.cli.doctor import DoctorCommand
+from apptrace.cli.trace import TraceCommand
+from apptrace.cli.usdt import UsdtListCommand
+from apptrace.errors import ApptraceError
+
+__all__ = ["main", "Command", "CommandError"]
+
+COMMANDS: list[type[Command]] = [UsdtListCommand, TraceCommand, DoctorCommand]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="apptrace",
+        description="Trace running programs with eBPF: USDT probes, uprobes, stacks.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}  # type: ignore[type-arg]
+    for cls in COMMANDS:
+        words = cls.name.split()
+        target = sub
+        if len(words) == 2:
+            if words[0] not in groups:
+                gp = sub.add_parser(words[0], help=f"{words[0]} commands")
+                groups[words[0]] = gp.add_subparsers(dest="subcommand", metavar="SUBCOMMAND",
+                                                     required=True)
+            target = groups[words[0]]
+        doc = (cls.__doc__ or "").strip()
+        p = target.add_parser(words[-1], help=doc.splitlines()[0] if doc else None,
+                              description=doc,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+        cmd = cls()
+        cmd.prepare_parser(p)
+        p.set_defaults(_command=cmd)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Leave SIGPIPE to the OS so `apptrace ... | head` ends quietly.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    try:
+        return int(args._command.run(args) or 0)
+    except CommandError as err:
+        print(f"apptrace: {err}", file=sys.stderr)
+        return err.exit_code
+    except ApptraceError as err:
+        print(f"apptrace: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""``apptrace doctor``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from apptrace.cli.base import Command, print_json
+
+
+class DoctorCommand(Command):
+    """Check that this machine can trace: privileges, kernel features, bcc, symbolizer, JDKs.
+
+    Exits non-zero when a required check fails; each failure names its fix.
+    """
+
+    name = "doctor"
+
+    def prepare_parser(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--json", action="store_true")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from apptrace.capabilities import run_checks
+
+        progress = None
+        if not args.json and sys.stderr.isatty():
+            def progress(step: str) -> None:
+                sys.stderr.write(f"\rchecking {step}...\x1b[K")
+                sys.stderr.flush()
+        checks = run_checks(progress=progress)
+        if progress:
+            sys.stderr.write("\r\x1b[K")
+        failed = [c for c in checks if c.required and not c.ok]
+        if args.json:
+            print_json({"ok": not failed, "checks": [c.to_json() for c in checks]})
+        else:
+            w = max(len(c.name) for c in checks)
+            for c in checks:
+                mark = "ok  " if c.ok else ("FAIL" if c.required else "warn")
+                line = f"{mark}  {c.name:<{w}}  {c.detail}"
+                if not c.ok and c.fix:
+                    line += f"  -> fix: {c.fix}"
+                print(line)
+        return 1 if failed else 0

@@ -1,0 +1,318 @@
+"""Read USDT probes from an ELF file's ``.note.stapsdt`` section.
+
+pyelftools gives us the ELF header, sections and segments; the stapsdt notes
+themselves are decoded here, because pyelftools labels every type-3 note
+``NT_GNU_BUILD_ID`` and has no decoder for their descriptor (three addresses,
+then provider, name and argument strings).
+
+Addresses: the kernel wants file offsets. A site's pc maps through the
+executable PT_LOAD that holds it; a semaphore through whichever PT_LOAD holds
+it. A prelinked object is adjusted by ``.stapsdt.base`` only when that section
+exists and the note's base is non-zero.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Optional
+
+from elftools.common.exceptions import ELFError as _PyElfError
+from elftools.elf.elffile import ELFFile
+
+from apptrace.errors import ElfError, NoProbesError
+from apptrace.usdt.args import Argument, parse_arguments
+
+__all__ = ["Site", "Probe", "ElfImage", "read_probes", "group_sites"]
+
+_PF_X = 1
+_SHT_NOBITS = 8
+
+
+@dataclass(frozen=True)
+class Site:
+    """One call site of a probe: where it is and how to read its arguments."""
+
+    provider: str
+    name: str
+    pc: int                 # location as recorded in the note
+    base: int               # the note's .stapsdt.base value
+    semaphore: int          # semaphore vaddr as recorded (0: none)
+    args_spec: str          # raw argument string
+    address: int            # pc after prelink adjustment (a vaddr)
+    file_offset: int        # what the kernel's uprobe wants
+    semaphore_address: int  # adjusted semaphore vaddr (0: none)
+    semaphore_offset: int   # semaphore file offset (0: none)
+    args: tuple[Argument, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pc": self.pc,
+            "file_offset": self.file_offset,
+            "base": self.base,
+            "semaphore": self.semaphore,
+            "semaphore_offset": self.semaphore_offset,
+            "args": [a.to_json() for a in self.args],
+        }
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A provider:name in one binary, with all its sites (one per inlined copy)."""
+
+    binary: str
+    provider: str
+    name: str
+    sites: tuple[Site, ...] = field(default_factory=tuple)
+
+    @property
+    def fullname(self) -> str:
+        return f"{self.provider}:{self.name}"
+
+    @property
+    def has_semaphore(self) -> bool:
+        return any(s.semaphore for s in self.sites)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "binary": self.binary,
+            "provider": self.provider,
+            "name": self.name,
+            "sites": [s.to_json() for s in self.sites],
+        }
+
+
+class ElfImage:
+    """The parts of one ELF file that USDT needs: segments, notes, symbols."""
+
+    def __init__(self, path: str, display: Optional[str] = None) -> None:
+        self.path = path
+        self.display = display or path
+        try:
+            with open(path, "rb") as f:
+                # mmap: libjvm.so is ~20 MB and we touch a few pages of it.
+                self._data: Any = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except FileNotFoundError as err:
+            raise ElfError("no such file", path=self.display) from err
+        except ValueError as err:  # mmap of an empty file
+            raise ElfError("empty file, not an ELF file", path=self.display) from err
+        except IsADirectoryError as err:
+            raise ElfError("is a directory, not an ELF file", path=self.display) from err
+        except PermissionError as err:
+            raise ElfError("permission denied", path=self.display,
+                           hint="run as root or check the file's mode") from err
+        if self._data[:4] != b"\x7fELF":
+            raise ElfError("not an ELF file", path=self.display)
+        try:
+            self.elf = ELFFile(self._data)  # mmap has read/seek/tell
+        except (_PyElfError, struct.error, ValueError) as err:
+            raise ElfError(f"malformed ELF header ({err})", path=self.display) from err
+        hdr = self.elf.header
+        if hdr["e_type"] not in ("ET_EXEC", "ET_DYN"):
+            raise ElfError(f"ELF type {hdr['e_type']} cannot be traced"
+                           " (need an executable or shared object)", path=self.display)
+        if not self.elf.little_endian:
+            raise ElfError("big-endian ELF; this host is little-endian", path=self.display)
+        self.is64 = self.elf.elfclass == 64
+        if hdr["e_machine"] != "EM_X86_64":
+            raise ElfError(f"machine {hdr['e_machine']} is not supported (x86-64 only)",
+                           path=self.display)
+        self.loads: list[tuple[int, int, int, int, int]] = []  # vaddr, memsz, offset, filesz, flags
+        try:
+            for seg in self.elf.iter_segments():
+                if seg["p_type"] == "PT_LOAD":
+                    self.loads.append((seg["p_vaddr"], seg["p_memsz"], seg["p_offset"],
+                                       seg["p_filesz"], seg["p_flags"]))
+        except (_PyElfError, struct.error, ValueError) as err:
+            raise ElfError(f"malformed program headers ({err})", path=self.display) from err
+        self._symbols: Optional[dict[str, list[int]]] = None
+
+    # -- addresses ---------------------------------------------------------
+
+    def vaddr_to_offset(self, vaddr: int, *, executable: bool) -> Optional[int]:
+        for start, memsz, off, filesz, flags in self.loads:
+            if executable and not flags & _PF_X:
+                continue
+            if start <= vaddr < start + max(memsz, filesz):
+                return vaddr - start + off
+        return None
+
+    def load_bias_offset(self) -> int:
+        """p_vaddr - p_offset of the first PT_LOAD (for /proc/PID/maps math)."""
+        if not self.loads:
+            return 0
+        return self.loads[0][0] - self.loads[0][2]
+
+    # -- sections ----------------------------------------------------------
+
+    def section(self, name: str) -> Any:
+        try:
+            return self.elf.get_section_by_name(name)
+        except (_PyElfError, struct.error, ValueError) as err:
+            raise ElfError(f"malformed section headers ({err})", path=self.display) from err
+
+    def _section_bytes(self, sec: Any) -> bytes:
+        if sec["sh_type"] == "SHT_NOBITS":
+            return b""
+        off, size = sec["sh_offset"], sec["sh_size"]
+        if off + size > len(self._data):
+            raise ElfError(f"section {sec.name} extends past the end of the file",
+                           path=self.display)
+        return self._data[off:off + size]
+
+    # -- symbols -----------------------------------------------------------
+
+    def resolve_symbol(self, name: str) -> tuple[Optional[int], Optional[str]]:
+        """A data symbol's vaddr from .symtab/.dynsym; ambiguity is reported."""
+        if self._symbols is None:
+            self._symbols = self._read_symbols()
+        values = sorted(set(self._symbols.get(name, ())))
+        if not values:
+            return None, f"symbol {name!r} not in .symtab/.dynsym (stripped binary?)"
+        if len(values) > 1:
+            return None, (f"symbol {name!r} is ambiguous: {len(values)} definitions at "
+                          + ", ".join(hex(v) for v in values))
+        return values[0], None
+
+    def _read_symbols(self) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        fmt = "<IBBHQQ" if self.is64 else "<IIIBBH"
+        entsize = struct.calcsize(fmt)
+        for secname in (".symtab", ".dynsym"):
+            sec = self.section(secname)
+            if sec is None:
+                continue
+            link = self.elf.get_section(sec["sh_link"])
+            strtab = self._section_bytes(link)
+            data = self._section_bytes(sec)
+            data = data[: len(data) - len(data) % entsize]
+            for ent in struct.iter_unpack(fmt, data):
+                if self.is64:
+                    st_name, st_info, _, st_shndx, st_value, _ = ent
+                else:
+                    st_name, st_value, _, st_info, _, st_shndx = ent
+                if not st_name or st_shndx == 0 or st_info & 0xF == 4:  # undefined or FILE
+                    continue
+                end = strtab.find(b"\0", st_name)
+                sym = strtab[st_name:end].decode("utf-8", "replace")
+                vals = out.setdefault(sym, [])
+                if st_value not in vals:
+                    vals.append(st_value)
+            if secname == ".symtab" and out:
+                # .dynsym is a subset of .symtab; reading both only repeats values.
+                break
+        return out
+
+    # -- notes -------------------------------------------------------------
+
+    def sites(self) -> list[Site]:
+        """Every stapsdt note, decoded, in file order; duplicates dropped."""
+        secs = [s for s in self.elf.iter_sections()
+                if s.name == ".note.stapsdt" and s["sh_type"] == "SHT_NOTE"]
+        if not secs:
+            raise NoProbesError(self.display)
+        base_sec = self.section(".stapsdt.base")
+        base_addr = base_sec["sh_addr"] if base_sec is not None else None
+        out: list[Site] = []
+        seen: set[tuple[str, str, int]] = set()
+        index = 0
+        for sec in secs:
+            for raw in self._iter_notes(self._section_bytes(sec), index):
+                index += 1
+                site = self._decode(raw, index - 1, base_addr)
+                if site is None:
+                    continue
+                key = (site.provider, site.name, site.address)
+                if key in seen:
+                    continue
+                seen.add(key)
+                out.append(site)
+        return out
+
+    def _iter_notes(self, data: bytes, first_index: int) -> Any:
+        pos, index = 0, first_index
+        while pos + 12 <= len(data):
+            namesz, descsz, ntype = struct.unpack_from("<III", data, pos)
+            pos += 12
+            name_end = pos + namesz
+            desc_start = name_end + (-namesz % 4)
+            desc_end = desc_start + descsz
+            if desc_end > len(data):
+                raise ElfError(f"note runs past the end of its section (namesz={namesz},"
+                               f" descsz={descsz})", path=self.display, note_index=index)
+            name = data[pos:name_end]
+            desc = data[desc_start:desc_end]
+            pos = desc_end + (-descsz % 4)
+            index += 1
+            yield name, ntype, desc
+        if pos != len(data) and data[pos:].strip(b"\0"):
+            raise ElfError("trailing bytes after the last note", path=self.display,
+                           note_index=index)
+
+    def _decode(self, raw: tuple[bytes, int, bytes], index: int,
+                base_addr: Optional[int]) -> Optional[Site]:
+        name, ntype, desc = raw
+        if name.rstrip(b"\0") != b"stapsdt":
+            return None  # some other note in the same section: not ours
+        if ntype != 3:
+            raise ElfError(f"stapsdt note of type {ntype} (only version 3 is defined)",
+                           path=self.display, note_index=index)
+        asz = 8 if self.is64 else 4
+        if len(desc) < 3 * asz + 3:
+            raise ElfError(f"descriptor of {len(desc)} bytes is too short",
+                           path=self.display, note_index=index)
+        pc, base, sema = struct.unpack_from("<QQQ" if self.is64 else "<III", desc, 0)
+        strings = desc[3 * asz:]
+        parts = strings.split(b"\0")
+        if len(parts) < 4 or not strings.endswith(b"\0"):
+            raise ElfError("provider, name and arguments are not three NUL-terminated"
+                           " strings", path=self.display, note_index=index)
+        try:
+            provider, pname, argstr = (p.decode("utf-8") for p in parts[:3])
+        except UnicodeDecodeError as err:
+            raise ElfError("provider or name is not valid UTF-8", path=self.display,
+                           note_index=index) from err
+        if not provider or not pname:
+            raise ElfError("empty provider or probe name", path=self.display,
+                           note_index=index)
+        address, sema_addr = pc, sema
+        if base_addr is not None and base:
+            address = pc + base_addr - base
+            if sema:
+                sema_addr = sema + base_addr - base
+        foff = self.vaddr_to_offset(address, executable=True)
+        if foff is None:
+            raise ElfError(f"probe {provider}:{pname} at {address:#x} is outside every"
+                           " executable segment", path=self.display, note_index=index)
+        sema_off = 0
+        if sema_addr:
+            sema_off_or_none = self.vaddr_to_offset(sema_addr, executable=False)
+            if sema_off_or_none is None:
+                raise ElfError(f"semaphore of {provider}:{pname} at {sema_addr:#x} is"
+                               " outside every segment", path=self.display,
+                               note_index=index)
+            sema_off = sema_off_or_none
+        args = parse_arguments(argstr, self.resolve_symbol)
+        return Site(provider, pname, pc, base, sema, argstr, address, foff, sema_addr,
+                    sema_off, tuple(args))
+
+
+def group_sites(binary: str, sites: list[Site]) -> list[Probe]:
+    """Sites → probes, grouped by provider:name in first-seen order."""
+    groups: dict[tuple[str, str], list[Site]] = {}
+    for s in sites:
+        groups.setdefault((s.provider, s.name), []).append(s)
+    return [Probe(binary, p, n, tuple(ss)) for (p, n), ss in groups.items()]
+
+
+def read_probes(path: str | os.PathLike[str], *, display: Optional[str] = None) -> list[Probe]:
+    """All USDT probes of one ELF file.
+
+    Raises :class:`ElfError` for a missing, non-ELF or malformed file and
+    :class:`NoProbesError` when it has no ``.note.stapsdt`` section.
+    """
+    p = os.fspath(path)
+    image = ElfImage(p, display)
+    return group_sites(display or p, image.sites())
