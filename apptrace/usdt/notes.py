@@ -205,6 +205,30 @@ class ElfImage:
                 break
         return out
 
+    def functions(self) -> dict[str, int]:
+        """Defined function symbols (name -> vaddr) from .symtab and .dynsym."""
+        out: dict[str, int] = {}
+        fmt = "<IBBHQQ" if self.is64 else "<IIIBBH"
+        entsize = struct.calcsize(fmt)
+        for secname in (".dynsym", ".symtab"):
+            sec = self.section(secname)
+            if sec is None:
+                continue
+            strtab = self._section_bytes(self.elf.get_section(sec["sh_link"]))
+            data = self._section_bytes(sec)
+            data = data[: len(data) - len(data) % entsize]
+            for ent in struct.iter_unpack(fmt, data):
+                if self.is64:
+                    st_name, st_info, _, st_shndx, st_value, _ = ent
+                else:
+                    st_name, st_value, _, st_info, _, st_shndx = ent
+                if not st_name or st_shndx == 0 or st_info & 0xF not in (2, 10):  # FUNC, IFUNC
+                    continue
+                end = strtab.find(b"\0", st_name)
+                name = strtab[st_name:end].decode("utf-8", "replace")
+                out.setdefault(name.split("@", 1)[0], st_value)
+        return out
+
     # -- notes -------------------------------------------------------------
 
     def sites(self) -> list[Site]:

@@ -1,0 +1,188 @@
+"""Generate the BPF C that bcc compiles: one program per group of probes.
+
+A *group* is what one probe string matched (``usdt:hotspot:*`` is one group
+of ~500 sites). Each distinct way of reading arguments (a site's specs, with
+its rip-relative deltas baked in) becomes one ``static __always_inline``
+reader. Two entry shapes call them:
+
+- ``<g>_multi``: for a uprobe_multi link. The BPF cookie carries
+  ``probe << 32 | site << 16 | reader``; a ``switch`` picks the reader.
+- ``<g>_c<cookie>``: one tiny entry per site with the cookie as a constant,
+  for kernels without uprobe_multi (one perf event per site).
+
+Every event starts with the same header; a group's events all have one size,
+so the user-space reader can decode a ring buffer in strides.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Optional
+
+from apptrace.probes import ArgType
+from apptrace.usdt.args import Argument
+
+__all__ = ["ArgRead", "GroupPlan", "HEADER", "render", "header_c"]
+
+# struct apptrace_hdr: ts, pid(tgid), tid, probe, site, flags, nstack, comm
+HEADER = struct.Struct("<QIIIIIi16s")
+FLAG_ARG_FAILED = 0x0000FFFF   # bit i: reading argument i faulted
+FLAG_STR_TRUNC_SHIFT = 16      # bit 16+j: string slot j filled its buffer
+
+_C_INT = {1: "8", 2: "16", 4: "32", 8: "64"}
+
+
+@dataclass(frozen=True)
+class ArgRead:
+    """How to fetch one argument slot at one site.
+
+    ``usdt`` is set for USDT arguments; ``reg`` for uprobe arguments and
+    return values (a pt_regs field). ``str_slot`` >= 0 means the value is a
+    pointer to a NUL-terminated string copied into that slot.
+    """
+
+    usdt: Optional[Argument] = None
+    reg: Optional[str] = None
+    str_slot: int = -1
+
+
+@dataclass
+class GroupPlan:
+    """Everything the C for one group needs."""
+
+    gid: int
+    nargs: int
+    nstr: int
+    str_max: int
+    stack_depth: int          # 0: no stacks
+    ringbuf_pages: int
+    nprobes: int
+    readers: list[tuple[tuple[ArgRead, ...], int]] = field(default_factory=list)
+    # (reads, site vaddr for rip-relative deltas); index = reader id
+    site_cookies: list[int] = field(default_factory=list)  # for per-site entries
+    multi: bool = True
+
+    @property
+    def name(self) -> str:
+        return f"g{self.gid}"
+
+    def event_struct(self) -> struct.Struct:
+        fmt = HEADER.format + f"{self.nargs}Q"
+        if self.nstr:
+            fmt += f"{self.nstr * self.str_max}s"
+        if self.stack_depth:
+            fmt += f"{self.stack_depth}Q"
+        return struct.Struct(fmt)
+
+
+def header_c() -> str:
+    return """#include <uapi/linux/ptrace.h>
+#include <linux/sched.h>
+struct apptrace_hdr {
+    u64 ts; u32 pid; u32 tid; u32 probe; u32 site; u32 flags; s32 nstack; char comm[16];
+};
+"""
+
+
+def _extend(expr: str, size: int, signed: bool) -> str:
+    if size == 8:
+        return f"(u64)({expr})"
+    bits = _C_INT[size]
+    if signed:
+        return f"(u64)(s64)(s{bits})({expr})"
+    return f"(u64)(u{bits})({expr})"
+
+
+def _read_one(i: int, r: ArgRead, site_vaddr: int) -> str:
+    """C statements that set ``e->a[i]`` (and a string slot) or flag a fault."""
+    fail = f"e->h.flags |= {1 << i}u;"
+    a = r.usdt
+    lines: list[str] = []
+    if a is None:
+        lines.append(f"v = ctx->{r.reg};")
+    elif a.kind == "constant":
+        lines.append(f"v = {(a.value or 0) & (1 << 64) - 1}ULL;")
+    elif a.kind == "register":
+        val = f"ctx->{a.register}" + (f" >> {a.shift}" if a.shift else "")
+        lines.append(f"v = {_extend(val, a.size, a.signed and not a.is_float)};")
+    elif a.kind in ("memory", "rip_relative"):
+        if a.kind == "memory":
+            addr = f"ctx->{a.base}" if a.base else "0"
+            if a.index:
+                addr += f" + ctx->{a.index} * {a.scale}"
+            addr += f" + ({a.displacement}LL)"
+        else:
+            # The global and the probe share a module: address = IP + delta.
+            delta = (a.address or 0) - site_vaddr
+            addr = f"ctx->ip + ({delta}LL)"
+        bits = _C_INT[a.size]
+        t = f"{'s' if a.signed and not a.is_float else 'u'}{bits}"
+        lines.append(f"{{ {t} t = 0; if (bpf_probe_read_user(&t, {a.size}, (void *)({addr})))"
+                     f" {{ {fail} }} v = {_extend('t', a.size, a.signed and not a.is_float)}; }}")
+    else:
+        return f"/* arg{i} unavailable: {a.reason} */"
+    lines.append(f"e->a[{i}] = v;")
+    if r.str_slot >= 0:
+        j = r.str_slot
+        lines.append(
+            f"if (!(e->h.flags & {1 << i}u)) {{ int n = bpf_probe_read_user_str(e->s[{j}],"
+            f" sizeof(e->s[{j}]), (void *)v); if (n < 0) {{ {fail} }}"
+            f" else if (n >= (int)sizeof(e->s[{j}])) e->h.flags |= {1 << (16 + j)}u; }}")
+    return "\n        ".join(lines)
+
+
+def render(plans: list[GroupPlan]) -> str:
+    """The whole C source for a session."""
+    out = [header_c()]
+    for g in plans:
+        n = g.name
+        fields = [f"    struct apptrace_hdr h;", f"    u64 a[{max(g.nargs, 1)}];"]
+        if g.nstr:
+            fields.append(f"    char s[{g.nstr}][{g.str_max}];")
+        if g.stack_depth:
+            fields.append(f"    u64 stack[{g.stack_depth}];")
+        out.append(f"struct {n}_ev {{\n" + "\n".join(fields) + "\n};")
+        out.append(f"BPF_RINGBUF_OUTPUT({n}_rb, {g.ringbuf_pages});")
+        out.append(f"BPF_PERCPU_ARRAY({n}_lost, u64, {max(g.nprobes, 1)});")
+        for rid, (reads, vaddr) in enumerate(g.readers):
+            body = "\n        ".join(_read_one(i, r, vaddr) for i, r in enumerate(reads))
+            out.append(f"static __always_inline void {n}_r{rid}(struct pt_regs *ctx,"
+                       f" struct {n}_ev *e) {{\n    u64 v = 0;\n        {body}\n"
+                       f"    (void)v;\n}}")
+        cases = "\n".join(f"    case {rid}: {n}_r{rid}(ctx, e); break;"
+                          for rid in range(len(g.readers)))
+        stack = ""
+        if g.stack_depth:
+            stack = (f"    e->h.nstack = bpf_get_stack(ctx, e->stack, sizeof(e->stack),"
+                     f" BPF_F_USER_STACK);\n")
+        out.append(f"""static __always_inline int {n}_body(struct pt_regs *ctx, u64 ck) {{
+    u32 probe = ck >> 32;
+    struct {n}_ev *e = {n}_rb.ringbuf_reserve(sizeof(struct {n}_ev));
+    if (!e) {{
+        u64 *c = {n}_lost.lookup(&probe);
+        if (c) *c += 1;
+        return 0;
+    }}
+    u64 id = bpf_get_current_pid_tgid();
+    e->h.ts = bpf_ktime_get_ns();
+    e->h.pid = id >> 32;
+    e->h.tid = (u32)id;
+    e->h.probe = probe;
+    e->h.site = (ck >> 16) & 0xffff;
+    e->h.flags = 0;
+    e->h.nstack = 0;
+    bpf_get_current_comm(&e->h.comm, sizeof(e->h.comm));
+    switch (ck & 0xffff) {{
+{cases}
+    default: break;
+    }}
+{stack}    {n}_rb.ringbuf_submit(e, 0);
+    return 0;
+}}""")
+        if g.multi:
+            out.append(f"int {n}_multi(struct pt_regs *ctx) {{"
+                       f" return {n}_body(ctx, bpf_get_attach_cookie(ctx)); }}")
+        for ck in g.site_cookies:
+            out.append(f"int {n}_c{ck:x}(struct pt_regs *ctx) {{ return {n}_body(ctx, {ck}ULL); }}")
+    return "\n\n".join(out) + "\n"

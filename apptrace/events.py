@@ -1,0 +1,94 @@
+"""What a trace produces: events, per-probe descriptions and statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from apptrace.symbolize import StackFrame
+
+__all__ = ["Unavailable", "Event", "ProbeInfo", "Stats"]
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    """An argument that could not be read, and why (never silently 0)."""
+
+    reason: str
+
+    def __str__(self) -> str:
+        return f"<unavailable: {self.reason}>"
+
+
+@dataclass(frozen=True)
+class ProbeInfo:
+    """One resolved probe: a USDT provider:name, or a symbol, in one binary."""
+
+    kind: str      # usdt | uprobe | uretprobe
+    binary: str
+    name: str      # provider:name, or the symbol
+    spec: str      # the probe string it came from
+    sites: int = 1
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}:{self.name}"
+
+
+@dataclass(frozen=True)
+class Event:
+    """One probe hit. ``args`` holds ints, floats, strings or :class:`Unavailable`."""
+
+    ts_ns: int
+    pid: int
+    tid: int
+    comm: str
+    probe: ProbeInfo
+    args: tuple[Any, ...]
+    site: int = 0
+    stack: Optional[tuple[StackFrame, ...]] = None
+    raw_stack: Optional[tuple[int, ...]] = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "ts_ns": self.ts_ns,
+            "pid": self.pid,
+            "tid": self.tid,
+            "comm": self.comm,
+            "probe": self.probe.label,
+            "args": [None if isinstance(a, Unavailable) else a for a in self.args],
+        }
+        bad = {i: a.reason for i, a in enumerate(self.args) if isinstance(a, Unavailable)}
+        if bad:
+            out["unavailable"] = bad
+        if self.stack is not None:
+            out["frames"] = [f.to_json() for f in self.stack]
+        return out
+
+    def format(self) -> str:
+        parts = []
+        for a in self.args:
+            if isinstance(a, str):
+                parts.append(repr(a))
+            else:
+                parts.append(str(a))
+        return (f"{self.ts_ns / 1e9:.6f} {self.comm}[{self.pid}/{self.tid}]"
+                f" {self.probe.label} " + " ".join(parts)).rstrip()
+
+
+@dataclass
+class Stats:
+    """Counts for a session: delivered, lost (ring buffer full) and per probe."""
+
+    events: int = 0
+    lost: int = 0
+    truncated_strings: int = 0
+    read_faults: int = 0
+    per_probe: dict[str, int] = field(default_factory=dict)
+    lost_per_probe: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"events": self.events, "lost": self.lost,
+                "truncated_strings": self.truncated_strings, "read_faults": self.read_faults,
+                "per_probe": dict(self.per_probe), "lost_per_probe": dict(self.lost_per_probe)}

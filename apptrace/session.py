@@ -1,0 +1,684 @@
+"""The tracing engine: :class:`Session` resolves probes, compiles, attaches, reads.
+
+Every probe family (USDT, uprobes, TLS, JVM GC, test harness) is a client of
+this class: it adds probe strings, then reads :class:`Event` objects (or
+decoded batches, for throughput) until the target exits or it stops.
+
+Lifecycle: ``Session(...)`` → ``add()``/``usdt()``/``uprobe()``/``uretprobe()``
+→ ``start()`` (implicit on first read) → ``events()``/``poll()``/``run()`` →
+``close()`` (or leave the ``with`` block). A session is single-use.
+"""
+
+from __future__ import annotations
+
+import atexit
+import errno as _errno
+import fnmatch
+import os
+import select
+import shlex
+import struct
+import subprocess
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+from apptrace import capabilities
+from apptrace.codegen import FLAG_ARG_FAILED, HEADER, ArgRead, GroupPlan, render
+from apptrace.errors import ApptraceError, NoProbesError, ProbeNotFoundError, \
+    ProcessGoneError, ElfError
+from apptrace.events import Event, ProbeInfo, Stats, Unavailable
+from apptrace.probes import ArgType, ProbeSpec, parse_probe
+from apptrace.procs import ProcessRef, mapped_objects, resolve_binary
+from apptrace.semaphores import ProcMemSemaphores
+from apptrace.usdt.args import Argument
+from apptrace.usdt.notes import ElfImage, Probe
+
+__all__ = ["Session", "ProbeHandle"]
+
+_UPROBE_REGS = ("di", "si", "dx", "cx", "r8", "r9")
+_DEFAULT_UPROBE_TYPE = ArgType("ptr", "int", 8, False, hex=True)
+_DEFAULT_RET_TYPE = ArgType("long", "int", 8, True)
+_F32 = struct.Struct("<f")
+_F64 = struct.Struct("<d")
+_U64 = struct.Struct("<Q")
+
+
+@dataclass
+class _Slot:
+    """How Python presents one argument slot of one site."""
+
+    unavailable: Optional[str]   # reason, when the BPF side cannot read it
+    is_float: bool
+    size: int
+    signed: bool
+    type: Optional[ArgType]
+    str_slot: int = -1
+
+
+@dataclass
+class _Site:
+    binary: str       # path to attach (may be /proc/PID/root/...)
+    file_offset: int
+    ref_ctr_offset: int
+    semaphore_offset: int
+    reader: int
+    slots: list[_Slot]
+
+
+@dataclass
+class _Probe:
+    info: ProbeInfo
+    sites: list[_Site] = field(default_factory=list)
+
+
+@dataclass
+class ProbeHandle:
+    """What ``Session.add`` returns: the spec now, the resolved probes after start."""
+
+    spec: ProbeSpec
+    probes: list[ProbeInfo] = field(default_factory=list)
+    _session: Any = None
+
+    @property
+    def count(self) -> int:
+        """Events delivered so far for this probe string."""
+        s = self._session.stats() if self._session else None
+        return sum(s.per_probe.get(p.label, 0) for p in self.probes) if s else 0
+
+
+class _Group:
+    def __init__(self, gid: int, handle: ProbeHandle) -> None:
+        self.gid = gid
+        self.handle = handle
+        self.probes: list[_Probe] = []
+        self.readers: dict[str, int] = {}
+        self.reader_plans: list[tuple[tuple[ArgRead, ...], int]] = []
+        self.nargs = 0
+        self.nstr = 0
+        self.plan: Optional[GroupPlan] = None
+        self.ring: Any = None
+
+
+_live: "weakref.WeakSet[Session]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:  # procmem semaphores must not stay raised
+    for s in list(_live):
+        s.close()
+
+
+class Session:
+    """A tracing session on one target.
+
+    Exactly one of ``pid`` (a running process), ``path`` (a binary,
+    system-wide: every process that maps it, including later ones) or
+    ``command`` (spawned by the session and held until every probe is
+    attached) may be given; with none, probes must name their binary and
+    trace system-wide.
+    """
+
+    def __init__(self, *, pid: Optional[int] = None, path: Optional[str] = None,
+                 command: Optional[Sequence[str]] = None, semaphores: str = "kernel",
+                 str_max: int = 64, ringbuf_kb: int = 4096, stack_depth: int = 32,
+                 symbolize: bool = True, multi: Optional[bool] = None) -> None:
+        if sum(x is not None for x in (pid, path, command)) > 1:
+            raise ValueError("give at most one of pid, path, command")
+        if semaphores not in ("kernel", "procmem"):
+            raise ValueError("semaphores must be 'kernel' or 'procmem'")
+        if semaphores == "procmem" and pid is None and command is None:
+            raise ApptraceError("--semaphores procmem needs a PID (or a spawned command):"
+                                " it writes the target's memory",
+                                hint="use the default kernel mode for system-wide tracing")
+        self.target: Optional[ProcessRef] = ProcessRef.from_pid(pid) if pid is not None \
+            else None
+        self.path = resolve_binary(path) if path is not None else None
+        if self.path is not None:
+            ElfImage(self.path)  # a clear error now for a non-ELF path
+        self.command = list(command) if command is not None else None
+        self.semaphore_mode = semaphores
+        self.str_max = max(8, (int(str_max) + 7) & ~7)
+        pages = max(1, ringbuf_kb * 1024 // 4096)
+        self.ringbuf_pages = 1 << (pages - 1).bit_length()
+        self.stack_depth = stack_depth
+        self.symbolize = symbolize
+        self.multi = capabilities.has_uprobe_multi() if multi is None else multi
+        self._handles: list[ProbeHandle] = []
+        self._groups: list[_Group] = []
+        self._program: Any = None
+        self._child: Optional[subprocess.Popen[bytes]] = None
+        self._release_fd: Optional[int] = None
+        self._procmem: Optional[ProcMemSemaphores] = None
+        self._state = "new"
+        self._stats = Stats()
+        self._epoll: Optional[select.epoll] = None
+        self._images: dict[str, ElfImage] = {}
+        self._probes_cache: dict[str, list[Probe]] = {}
+        self._symbolizer: Any = None
+        self._lock = threading.RLock()
+        self.attach_seconds = 0.0
+        self.exit_status: Optional[int] = None
+
+    # -- building -----------------------------------------------------------
+
+    def add(self, spec: str, *, stack: bool = False) -> ProbeHandle:
+        """Add a probe string (``usdt:...``, ``uprobe:...``, ``uretprobe:...``)."""
+        if self._state != "new":
+            raise ApptraceError("probes must be added before the session starts")
+        h = ProbeHandle(parse_probe(spec, stack=stack), _session=self)
+        self._handles.append(h)
+        return h
+
+    def usdt(self, provider: str, name: str, *, binary: Optional[str] = None,
+             types: str = "", stack: bool = False) -> ProbeHandle:
+        b = f"{binary}:" if binary else ""
+        return self.add(f"usdt:{b}{provider}:{name}" + (f"({types})" if types else ""),
+                        stack=stack)
+
+    def uprobe(self, binary: str, symbol: str, *, types: str = "",
+               stack: bool = False) -> ProbeHandle:
+        return self.add(f"uprobe:{binary}:{symbol}" + (f"({types})" if types else ""),
+                        stack=stack)
+
+    def uretprobe(self, binary: str, symbol: str, *, type: str = "",
+                  stack: bool = False) -> ProbeHandle:
+        return self.add(f"uretprobe:{binary}:{symbol}" + (f"({type})" if type else ""),
+                        stack=stack)
+
+    # -- context manager ----------------------------------------------------
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- resolution -----------------------------------------------------------
+
+    def _pid_for_lookup(self) -> Optional[int]:
+        return self.target.pid if self.target else None
+
+    def _image(self, path: str) -> ElfImage:
+        img = self._images.get(path)
+        if img is None:
+            img = self._images[path] = ElfImage(path)
+        return img
+
+    def _usdt_probes(self, path: str, display: str) -> list[Probe]:
+        if path not in self._probes_cache:
+            from apptrace.usdt.notes import group_sites
+
+            self._probes_cache[path] = group_sites(display, self._image(path).sites())
+        return self._probes_cache[path]
+
+    def _binaries(self, spec: ProbeSpec) -> list[tuple[str, str]]:
+        """(path to open/attach, path to show) candidates for a spec."""
+        pid = self._pid_for_lookup()
+        if spec.binary:
+            p = resolve_binary(spec.binary, pid)
+            shown = p[len(f"/proc/{pid}/root"):] if pid and p.startswith("/proc/") else p
+            return [(p, shown)]
+        if self.target is not None:
+            return [(real, shown) for shown, real in mapped_objects(self.target.pid)]
+        if self.path is not None:
+            return [(self.path, self.path)]
+        if self.command is not None:
+            exe = resolve_binary(self.command[0])
+            return [(exe, exe)]
+        raise ProbeNotFoundError(f"{spec.text}: no binary given and no target to search",
+                                 probe=spec.text,
+                                 hint="name the binary (usdt:BINARY:PROVIDER:NAME) or give"
+                                      " -p PID, --path BIN or a command")
+
+    def _resolve(self, h: ProbeHandle, g: _Group) -> None:
+        spec = h.spec
+        candidates = self._binaries(spec)
+        named = spec.binary is not None or self.target is None
+        if spec.kind == "usdt":
+            for path, shown in candidates:
+                try:
+                    probes = self._usdt_probes(path, shown)
+                except (NoProbesError, ElfError):
+                    if named:
+                        raise
+                    continue
+                for p in probes:
+                    if fnmatch.fnmatchcase(p.provider, spec.provider or "*") and \
+                            fnmatch.fnmatchcase(p.name, spec.name):
+                        self._add_usdt(g, spec, path, p)
+        else:
+            for path, shown in candidates:
+                self._add_uprobes(g, spec, path, shown)
+        if not g.probes:
+            where = ", ".join(shown for _, shown in candidates[:3])
+            what = f"{spec.provider}:{spec.name}" if spec.kind == "usdt" else spec.name
+            raise ProbeNotFoundError(
+                f"{spec.text}: no {spec.kind} probe matches {what} in {where}", probe=spec.text,
+                hint="list them with `apptrace usdt list " + (candidates[0][1] if candidates
+                                                               else "BINARY") + "`"
+                if spec.kind == "usdt" else "check the symbol name (nm -D)")
+        h.probes = [p.info for p in g.probes]
+
+    def _reader(self, g: _Group, reads: tuple[ArgRead, ...], vaddr: int) -> int:
+        """Dedup readers by the C they produce (rip-relative deltas differ per site)."""
+        key_vaddr = vaddr if any(r.usdt is not None and r.usdt.kind == "rip_relative"
+                                 for r in reads) else 0
+        key = repr((reads, key_vaddr))
+        rid = g.readers.get(key)
+        if rid is None:
+            rid = g.readers[key] = len(g.reader_plans)
+            g.reader_plans.append((reads, key_vaddr))
+        return rid
+
+    def _add_usdt(self, g: _Group, spec: ProbeSpec, path: str, p: Probe) -> None:
+        info = ProbeInfo("usdt", p.binary, p.fullname, spec.text, len(p.sites))
+        probe = _Probe(info)
+        for s in p.sites:
+            n = max(len(s.args), len(spec.types))
+            reads: list[ArgRead] = []
+            slots: list[_Slot] = []
+            nstr = 0
+            for i in range(n):
+                t = spec.types[i] if i < len(spec.types) else None
+                a: Optional[Argument] = s.args[i] if i < len(s.args) else None
+                if a is None:
+                    reads.append(ArgRead(usdt=Argument("", 8, False, False, "unavailable",
+                                                       reason="no such argument")))
+                    slots.append(_Slot(f"this site has {len(s.args)} arguments", False, 8,
+                                       False, t))
+                    continue
+                slot = -1
+                if t is not None and t.kind == "str" and a.available:
+                    slot, nstr = nstr, nstr + 1
+                reads.append(ArgRead(usdt=a, str_slot=slot))
+                slots.append(_Slot(a.reason if not a.available else None, a.is_float, a.size,
+                                   a.signed, t, slot))
+            g.nargs = max(g.nargs, n)
+            g.nstr = max(g.nstr, nstr)
+            rid = self._reader(g, tuple(reads), s.address)
+            ref = s.semaphore_offset if self.semaphore_mode == "kernel" else 0
+            probe.sites.append(_Site(path, s.file_offset, ref, s.semaphore_offset, rid, slots))
+        g.probes.append(probe)
+
+    def _add_uprobes(self, g: _Group, spec: ProbeSpec, path: str, shown: str) -> None:
+        img = self._image(path)
+        targets: list[tuple[str, int]] = []
+        if spec.offset is not None:
+            targets.append((spec.name, spec.offset))
+        else:
+            sym, _, off = spec.name.partition("+")
+            extra = int(off, 0) if off else 0
+            funcs = img.functions()
+            names = [sym] if sym in funcs else sorted(
+                n for n in funcs if fnmatch.fnmatchcase(n, sym))
+            for name in names:
+                foff = img.vaddr_to_offset(funcs[name] + extra, executable=True)
+                if foff is None:
+                    continue
+                targets.append((name + (f"+{off}" if off else ""), foff))
+        ret = spec.kind == "uretprobe"
+        types = spec.types or ((_DEFAULT_RET_TYPE,) if ret else (_DEFAULT_UPROBE_TYPE,) * 6)
+        regs = ("ax",) if ret else _UPROBE_REGS
+        if len(types) > len(regs):
+            from apptrace.errors import ProbeSpecError
+
+            raise ProbeSpecError(spec.text, f"at most {len(regs)} argument types")
+        reads, slots, nstr = [], [], 0
+        for i, t in enumerate(types):
+            slot = -1
+            if t is not None and t.kind == "str":
+                slot, nstr = nstr, nstr + 1
+            reads.append(ArgRead(reg=regs[i], str_slot=slot))
+            slots.append(_Slot(None, False, 8, False, t or _DEFAULT_UPROBE_TYPE, slot))
+        g.nargs = max(g.nargs, len(types))
+        g.nstr = max(g.nstr, nstr)
+        rid = self._reader(g, tuple(reads), 0)
+        for name, foff in targets:
+            probe = _Probe(ProbeInfo(spec.kind, shown, name, spec.text, 1))
+            probe.sites.append(_Site(path, foff, 0, 0, rid, slots))
+            g.probes.append(probe)
+
+    # -- starting -------------------------------------------------------------
+
+    def _spawn(self) -> None:
+        """Start the command held before exec: a shell waits on a pipe, then execs
+        it in place (same PID), so probes attached to the PID see ``main``."""
+        assert self.command is not None
+        r, w = os.pipe()
+        script = 'read -r _ <&3; exec 3<&-; exec "$@"'
+        try:
+            self._child = subprocess.Popen(["/bin/sh", "-c", script, "apptrace-hold",
+                                            *self.command], pass_fds=(r,))
+        except OSError as err:
+            os.close(r)
+            os.close(w)
+            raise ApptraceError(f"cannot start {shlex.join(self.command)}: {err}") from err
+        os.close(r)
+        self._release_fd = w
+        self.target = ProcessRef.from_pid(self._child.pid)
+
+    def _release(self) -> None:
+        if self._release_fd is not None:
+            try:
+                os.write(self._release_fd, b"go\n")
+            except OSError:
+                pass
+            os.close(self._release_fd)
+            self._release_fd = None
+
+    def start(self) -> None:
+        """Resolve every probe, compile once, attach, then release a held command."""
+        if self._state != "new":
+            if self._state == "closed":
+                raise ApptraceError("this session is closed; sessions are single-use")
+            return
+        if not self._handles:
+            raise ApptraceError("no probes added")
+        t0 = time.monotonic()
+        self._state = "starting"
+        _live.add(self)
+        try:
+            if self.command is not None:
+                # Resolve against the command's binary before it runs.
+                for i, h in enumerate(self._handles):
+                    g = _Group(i, h)
+                    self._resolve(h, g)
+                    self._groups.append(g)
+                self._spawn()
+            else:
+                if self.target is not None:
+                    self.target.check()
+                for i, h in enumerate(self._handles):
+                    g = _Group(i, h)
+                    self._resolve(h, g)
+                    self._groups.append(g)
+            self._compile_and_attach()
+            self._release()
+            self._state = "running"
+        except BaseException:
+            self.close()
+            raise
+        self.attach_seconds = time.monotonic() - t0
+
+    def _compile_and_attach(self) -> None:
+        from apptrace.bpf import Program
+        from apptrace.ringbuf import RingReader
+
+        plans = []
+        for g in self._groups:
+            stack = self.stack_depth if g.handle.spec.stack else 0
+            plan = GroupPlan(g.gid, g.nargs, g.nstr, self.str_max, stack,
+                             self.ringbuf_pages, len(g.probes), g.reader_plans,
+                             multi=self.multi)
+            if not self.multi:
+                plan.site_cookies = sorted({self._cookie(pi, si, s.reader)
+                                            for pi, p in enumerate(g.probes)
+                                            for si, s in enumerate(p.sites)})
+            g.plan = plan
+            plans.append(plan)
+        text = render(plans)
+        self._program = prog = Program(text)
+        pid = self.target.pid if self.target else -1
+        if self.semaphore_mode == "procmem" and self.target is not None:
+            self._procmem = ProcMemSemaphores(self.target.pid)
+        self._epoll = select.epoll()
+        for g in self._groups:
+            assert g.plan is not None
+            retprobe = g.handle.spec.kind == "uretprobe"
+            if self.multi:
+                fd = prog.load(f"{g.plan.name}_multi", multi=True)
+                by_binary: dict[str, list[tuple[int, int, int]]] = {}
+                for pi, p in enumerate(g.probes):
+                    for si, s in enumerate(p.sites):
+                        by_binary.setdefault(s.binary, []).append(
+                            (s.file_offset, s.ref_ctr_offset, self._cookie(pi, si, s.reader)))
+                for binary, rows in by_binary.items():
+                    prog.attach_multi(fd, binary, [r[0] for r in rows], [r[1] for r in rows],
+                                      [r[2] for r in rows], pid, retprobe,
+                                      g.handle.spec.text)
+            else:
+                for pi, p in enumerate(g.probes):
+                    for si, s in enumerate(p.sites):
+                        ck = self._cookie(pi, si, s.reader)
+                        fd = prog.load(f"{g.plan.name}_c{ck:x}")
+                        prog.attach_perf(fd, s.binary, s.file_offset, pid, s.ref_ctr_offset,
+                                         retprobe, p.info.label)
+            if self._procmem is not None:
+                for p in g.probes:
+                    for s in p.sites:
+                        if s.semaphore_offset:
+                            self._procmem.add(s.binary, s.semaphore_offset)
+            ring_fd = prog.map_fd(f"{g.plan.name}_rb")
+            g.ring = RingReader(ring_fd, self.ringbuf_pages * 4096, g.plan.event_struct())
+            self._epoll.register(ring_fd, select.EPOLLIN)
+
+    @staticmethod
+    def _cookie(probe: int, site: int, reader: int) -> int:
+        if site > 0xFFFF or reader > 0xFFFF:
+            raise ApptraceError("more than 65535 sites or argument layouts in one probe string")
+        return (probe << 32) | (site << 16) | reader
+
+    # -- reading --------------------------------------------------------------
+
+    def target_alive(self) -> bool:
+        if self._child is not None:
+            if self.exit_status is None:
+                self.exit_status = self._child.poll()
+            return self.exit_status is None
+        if self.target is not None:
+            return self.target.alive()
+        return True
+
+    def poll_raw(self, timeout: Optional[float] = None) -> list[tuple[_Group, list[tuple[Any, ...]]]]:
+        """Wait up to ``timeout`` seconds for data; return decoded records per group.
+
+        This is the batch interface: tuples straight from ``struct``, no
+        per-event objects. Records are ``(header fields..., args..., [strings],
+        [stack...])`` in the group's layout.
+        """
+        self.start()
+        assert self._epoll is not None
+        if timeout is None or timeout > 0:
+            if not any(g.ring.pending() for g in self._groups):
+                self._epoll.poll(timeout if timeout is not None else -1)
+        out = []
+        with self._lock:
+            for g in self._groups:
+                recs = g.ring.drain()
+                if recs:
+                    self._stats.events += len(recs)
+                    out.append((g, recs))
+        return out
+
+    def poll(self, timeout: Optional[float] = None) -> list[Event]:
+        """Wait up to ``timeout`` seconds; return the events that arrived, decoded."""
+        events: list[Event] = []
+        for g, recs in self.poll_raw(timeout):
+            events.extend(self._decode(g, recs))
+        return events
+
+    def events(self, timeout: Optional[float] = None, *, idle: float = 0.2) -> Iterator[Event]:
+        """Yield events until ``timeout`` seconds pass (None: until the target exits)."""
+        self.start()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return
+            alive = self.target_alive()
+            got = self.poll(min(idle, remaining) if remaining is not None else idle)
+            yield from got
+            if not alive and not got:
+                # The target is gone and its last events are drained.
+                return
+
+    def run(self, callback: Callable[[Event], Any], *, duration: Optional[float] = None,
+            count: Optional[int] = None) -> Stats:
+        """Call ``callback`` per event until duration/count is reached or the target exits."""
+        n = 0
+        for ev in self.events(duration):
+            callback(ev)
+            n += 1
+            if count is not None and n >= count:
+                break
+        return self.stats()
+
+    def _decode(self, g: _Group, recs: list[tuple[Any, ...]]) -> list[Event]:
+        plan = g.plan
+        assert plan is not None
+        nh = len(HEADER.format) - 2 - 1  # fields in the header tuple
+        nh = 8
+        nargs = plan.nargs
+        has_str = plan.nstr > 0
+        out = []
+        stats = self._stats
+        probes = g.probes
+        for rec in recs:
+            ts, pid, tid, pidx, site, flags, nstack, comm = rec[:nh]
+            p = probes[pidx]
+            s = p.sites[site] if site < len(p.sites) else p.sites[0]
+            raw = rec[nh:nh + nargs]
+            strs = rec[nh + nargs] if has_str else b""
+            args = []
+            for i, slot in enumerate(s.slots):
+                if slot.unavailable is not None:
+                    args.append(Unavailable(slot.unavailable))
+                    continue
+                if flags & (1 << i) & FLAG_ARG_FAILED:
+                    stats.read_faults += 1
+                    args.append(Unavailable("memory read faulted"))
+                    continue
+                args.append(self._value(raw[i], slot, strs, flags))
+            stack_ips: Optional[tuple[int, ...]] = None
+            if plan.stack_depth:
+                base = nh + nargs + (1 if has_str else 0)
+                depth = max(0, nstack) // 8
+                stack_ips = tuple(rec[base:base + depth])
+            stats.per_probe[p.info.label] = stats.per_probe.get(p.info.label, 0) + 1
+            out.append(Event(ts, pid, tid, comm.split(b"\0", 1)[0].decode("utf-8", "replace"),
+                             p.info, tuple(args), site, None, stack_ips))
+        if plan.stack_depth and self.symbolize:
+            out = self._symbolize(out)
+        return out
+
+    def _value(self, v: int, slot: _Slot, strs: bytes, flags: int) -> Any:
+        t = slot.type
+        if t is not None and t.kind == "str" and slot.str_slot >= 0:
+            j = slot.str_slot
+            raw = strs[j * self.str_max:(j + 1) * self.str_max]
+            text = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+            if flags & (1 << (16 + j)):
+                self._stats.truncated_strings += 1
+            return text
+        if t is not None and t.kind == "float" or (t is None and slot.is_float):
+            size = t.size if t is not None else slot.size
+            if size == 4:
+                return _F32.unpack(struct.pack("<I", v & 0xFFFFFFFF))[0]
+            return _F64.unpack(_U64.pack(v))[0]
+        if t is not None and t.kind == "int":
+            bits = t.size * 8
+            v &= (1 << bits) - 1
+            if t.signed and v >> (bits - 1):
+                v -= 1 << bits
+            return v
+        if slot.signed and v >> 63:
+            return v - (1 << 64)
+        return v
+
+    def _symbolize(self, events: list[Event]) -> list[Event]:
+        from apptrace.stacks import symbolize_events
+
+        return symbolize_events(self, events)
+
+    # -- statistics and teardown ------------------------------------------------
+
+    def stats(self) -> Stats:
+        """Delivered, lost and per-probe counts (lost is read from the kernel)."""
+        with self._lock:
+            st = self._stats
+            if self._program is not None:
+                from apptrace.bpf import read_int
+
+                lost = 0
+                for g in self._groups:
+                    assert g.plan is not None
+                    table = self._program.table(f"{g.plan.name}_lost")
+                    for pi, p in enumerate(g.probes):
+                        n = read_int(table, pi)
+                        if n:
+                            st.lost_per_probe[p.info.label] = n
+                        lost += n
+                    lost += g.ring.discarded
+                st.lost = lost
+            return st
+
+    @property
+    def probes(self) -> list[ProbeInfo]:
+        return [p.info for g in self._groups for p in g.probes]
+
+    @property
+    def child(self) -> Optional[subprocess.Popen[bytes]]:
+        """The spawned command, if the session started one."""
+        return self._child
+
+    def close(self) -> None:
+        """Detach everything; drop procmem semaphores; free the BPF module."""
+        if self._state == "closed":
+            return
+        if self._program is not None:
+            try:
+                self.stats()
+            except Exception:  # noqa: BLE001 - best effort before teardown
+                pass
+        self._state = "closed"
+        _live.discard(self)
+        errors: list[BaseException] = []
+        if self._procmem is not None:
+            try:
+                self._procmem.close()
+            except ApptraceError as err:
+                errors.append(err)
+            self._procmem = None
+        for g in self._groups:
+            if g.ring is not None:
+                g.ring.close()
+                g.ring = None
+        if self._epoll is not None:
+            self._epoll.close()
+            self._epoll = None
+        if self._program is not None:
+            self._program.close()
+            self._program = None
+        if self._release_fd is not None:
+            os.close(self._release_fd)  # the held shell reads EOF and runs; kill it below
+            self._release_fd = None
+            if self._child is not None and self._child.poll() is None:
+                self._child.kill()
+        if self._child is not None:
+            try:
+                self.exit_status = self._child.wait(timeout=0 if self.exit_status is None
+                                                    and self._child.poll() is None else 5)
+            except subprocess.TimeoutExpired:
+                pass
+        if self._symbolizer is not None:
+            self._symbolizer.close()
+            self._symbolizer = None
+        if errors:
+            raise errors[0]
+
+    def wait_child(self, timeout: Optional[float] = None) -> Optional[int]:
+        """Wait for the spawned command to exit; its status."""
+        if self._child is None:
+            return None
+        try:
+            self.exit_status = self._child.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        return self.exit_status
+
+
+def _unused() -> None:  # keep linters quiet about names used only in annotations
+    _ = (_errno, ProcessGoneError)
