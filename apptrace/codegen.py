@@ -78,7 +78,6 @@ class GroupPlan:
 
 def header_c() -> str:
     return """#include <uapi/linux/ptrace.h>
-#include <linux/sched.h>
 struct apptrace_hdr {
     u64 ts; u32 pid; u32 tid; u32 probe; u32 site; u32 flags; s32 nstack; char comm[16];
 };

@@ -496,8 +496,11 @@ class Session:
     def poll(self, timeout: Optional[float] = None) -> list[Event]:
         """Wait up to ``timeout`` seconds; return the events that arrived, decoded."""
         events: list[Event] = []
-        for g, recs in self.poll_raw(timeout):
+        batches = self.poll_raw(timeout)
+        for g, recs in batches:
             events.extend(self._decode(g, recs))
+        if len(batches) > 1:
+            events.sort(key=lambda e: e.ts_ns)  # one ring per group: merge by time
         return events
 
     def events(self, timeout: Optional[float] = None, *, idle: float = 0.2) -> Iterator[Event]:

@@ -48,8 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command_argv: Optional[list[str]] = None
+    if "--" in argv:
+        # `apptrace trace PROBE... -- CMD ARGS`: everything after -- is the command.
+        cut = argv.index("--")
+        argv, command_argv = argv[:cut], argv[cut + 1:]
+        if not command_argv:
+            print("apptrace: nothing after --; give a command to run", file=sys.stderr)
+            return 2
     parser = build_parser()
     args = parser.parse_args(argv)
+    if command_argv is not None:
+        if not getattr(args._command, "takes_command", False):
+            parser.error(f"{args._command.name} does not run a command (remove --)")
+        args.command_argv = command_argv
     # Leave SIGPIPE to the OS so `apptrace ... | head` ends quietly.
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:

@@ -1,14 +1,166 @@
-"""``apptrace trace`` (see TraceCommand)."""
-from apptrace.cli.base import Command
+"""``apptrace trace``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from typing import Any, Optional, TextIO
+
+from apptrace.cli.base import Command, CommandError
+from apptrace.events import Event, Stats
 
 
 class TraceCommand(Command):
-    """Trace probes (placeholder until the engine lands)."""
+    """Trace USDT probes, uprobes and uretprobes; print one line (or JSON) per event.
+
+    PROBE is usdt:[BINARY:]PROVIDER:NAME[(TYPES)], uprobe:BINARY:SYMBOL[(TYPES)]
+    or uretprobe:BINARY:SYMBOL[(TYPE)]; globs work in provider, name and symbol.
+    TYPES are int, long, u8..u64, s8..s64, str, float, double, ptr ('-' keeps
+    the default). Target: -p PID, --path BIN (system-wide, including processes
+    started later) or -- CMD ARGS... (spawned and held until attached).
+
+    Examples:
+      apptrace trace -p 1234 'usdt:python:function__entry(str,str,int)'
+      apptrace trace --json -- ./server 'uprobe:libssl:SSL_write(ptr,str,int)'
+    """
 
     name = "trace"
+    takes_command = True
 
-    def prepare_parser(self, parser):  # type: ignore[no-untyped-def]
-        pass
+    def prepare_parser(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("probes", nargs="+", metavar="PROBE")
+        tgt = parser.add_argument_group("target (at most one)")
+        tgt.add_argument("-p", "--pid", type=int, help="trace this running process")
+        tgt.add_argument("--path", metavar="BIN",
+                         help="trace every process running BIN, including later ones")
+        parser.add_argument("--json", action="store_true", help="JSON lines output")
+        parser.add_argument("-d", "--duration", type=float, metavar="SECONDS",
+                            help="stop after this long")
+        parser.add_argument("-n", "--count", type=int, help="stop after this many events")
+        parser.add_argument("-o", "--output", metavar="FILE", help="write events here")
+        parser.add_argument("--semaphores", choices=("kernel", "procmem"), default="kernel",
+                            help="how to enable USDT semaphores (default: kernel)")
+        parser.add_argument("--str-max", type=int, default=64,
+                            help="longest string read per argument (bytes, default 64)")
+        parser.add_argument("--stack", action="store_true", help="capture user stacks")
+        parser.add_argument("--folded", action="store_true",
+                            help="with --stack: print folded stack counts at the end")
+        parser.add_argument("-q", "--quiet", action="store_true", help="no summary")
 
-    def run(self, args):  # type: ignore[no-untyped-def]
-        return 2
+    def run(self, args: argparse.Namespace) -> int:
+        from apptrace.session import Session
+
+        command = getattr(args, "command_argv", None)
+        if sum(x is not None for x in (args.pid, args.path, command)) > 1:
+            raise CommandError("trace: give only one of -p PID, --path BIN, -- CMD")
+        if args.folded and not args.stack:
+            args.stack = True
+        if args.count is not None and args.count <= 0:
+            raise CommandError("trace: -n must be positive")
+        out: TextIO = sys.stdout
+        if args.output:
+            try:
+                out = open(args.output, "w")  # noqa: SIM115 - closed below
+            except OSError as err:
+                raise CommandError(f"trace: cannot write {args.output}: {err}", 1) from err
+
+        stopping = {"flag": False}
+
+        def on_term(signum: int, frame: Any) -> None:
+            stopping["flag"] = True
+
+        old = signal.signal(signal.SIGTERM, on_term)
+        session = Session(pid=args.pid, path=args.path, command=command,
+                          semaphores=args.semaphores, str_max=args.str_max,
+                          symbolize=True)
+        folded: dict[str, int] = {}
+        n = 0
+        try:
+            for p in args.probes:
+                session.add(p, stack=args.stack)
+            session.start()
+            if not args.quiet:
+                sites = sum(p.sites for p in session.probes)
+                print(f"apptrace: attached {len(session.probes)} probes ({sites} sites) in"
+                      f" {session.attach_seconds:.2f}s; Ctrl-C to stop", file=sys.stderr)
+            deadline = None if args.duration is None else time.monotonic() + args.duration
+            try:
+                while not stopping["flag"]:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        break
+                    alive = session.target_alive()
+                    events = session.poll(0.2 if remaining is None else min(0.2, remaining))
+                    for ev in events:
+                        if args.folded:
+                            key = _fold(ev)
+                            folded[key] = folded.get(key, 0) + 1
+                        else:
+                            _emit(ev, out, args.json)
+                        n += 1
+                        if args.count is not None and n >= args.count:
+                            stopping["flag"] = True
+                            break
+                    if events and out is not sys.stdout:
+                        out.flush()
+                    if not alive and not events:
+                        break
+            except KeyboardInterrupt:
+                pass
+            if args.folded:
+                for key, c in sorted(folded.items(), key=lambda kv: -kv[1]):
+                    out.write(f"{key} {c}\n")
+            stats = session.stats()
+        finally:
+            signal.signal(signal.SIGTERM, old)
+            try:
+                session.close()
+            finally:
+                if out is not sys.stdout:
+                    out.close()
+                else:
+                    sys.stdout.flush()
+        if not args.quiet:
+            _summary(stats, sys.stderr, session.exit_status)
+        return 0
+
+
+def _emit(ev: Event, out: TextIO, as_json: bool) -> None:
+    if as_json:
+        out.write(json.dumps(ev.to_json(), separators=(",", ":")) + "\n")
+        return
+    out.write(ev.format() + "\n")
+    if ev.stack is not None:
+        for f in ev.stack:
+            where = f" {f.file}:{f.line}" if f.file else ""
+            name = f"{f.symbol}+{f.offset:#x}" if f.symbol else f"{f.addr:#x}"
+            inl = " [inlined]" if f.inlined else ""
+            out.write(f"    {name}{inl}{where} ({f.module or '?'})\n")
+
+
+def _fold(ev: Event) -> str:
+    frames = ev.stack or ()
+    names = [f.symbol or f"{f.addr:#x}" for f in reversed(frames)]
+    return ";".join([ev.comm] + names) if names else ev.comm
+
+
+def _summary(st: Stats, err: TextIO, status: Optional[int]) -> None:
+    parts = [f"{st.events} events", f"{st.lost} lost"]
+    if st.lost:
+        parts[-1] += " (ring buffer full: raise the ring size or trace fewer probes)"
+    if st.truncated_strings:
+        parts.append(f"{st.truncated_strings} strings truncated (raise --str-max)")
+    if st.read_faults:
+        parts.append(f"{st.read_faults} argument reads faulted")
+    err.write("apptrace: " + ", ".join(parts) + "\n")
+    for label, c in sorted(st.per_probe.items()):
+        lost = st.lost_per_probe.get(label, 0)
+        err.write(f"  {label}: {c}" + (f" ({lost} lost)" if lost else "") + "\n")
+    for label, lost in st.lost_per_probe.items():
+        if label not in st.per_probe:
+            err.write(f"  {label}: 0 ({lost} lost)\n")
+    if status is not None:
+        err.write(f"apptrace: command exited with status {status}\n")
