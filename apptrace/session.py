@@ -66,6 +66,7 @@ class _Site:
     semaphore_offset: int
     reader: int
     slots: list[_Slot]
+    vaddr: int = 0    # the site's address in the ELF (anchors stacks of exited processes)
 
 
 @dataclass
@@ -300,7 +301,8 @@ class Session:
             g.nstr = max(g.nstr, nstr)
             rid = self._reader(g, tuple(reads), s.address)
             ref = s.semaphore_offset if self.semaphore_mode == "kernel" else 0
-            probe.sites.append(_Site(path, s.file_offset, ref, s.semaphore_offset, rid, slots))
+            probe.sites.append(_Site(path, s.file_offset, ref, s.semaphore_offset, rid, slots,
+                                     s.address))
         g.probes.append(probe)
 
     def _add_uprobes(self, g: _Group, spec: ProbeSpec, path: str, shown: str) -> None:
@@ -319,6 +321,7 @@ class Session:
                 if foff is None:
                     continue
                 targets.append((name + (f"+{off}" if off else ""), foff))
+        vaddrs = {foff: img.offset_to_vaddr(foff) for _, foff in targets}
         ret = spec.kind == "uretprobe"
         types = spec.types or ((_DEFAULT_RET_TYPE,) if ret else (_DEFAULT_UPROBE_TYPE,) * 6)
         regs = ("ax",) if ret else _UPROBE_REGS
@@ -338,7 +341,7 @@ class Session:
         rid = self._reader(g, tuple(reads), 0)
         for name, foff in targets:
             probe = _Probe(ProbeInfo(spec.kind, shown, name, spec.text, 1))
-            probe.sites.append(_Site(path, foff, 0, 0, rid, slots))
+            probe.sites.append(_Site(path, foff, 0, 0, rid, slots, vaddrs[foff] or 0))
             g.probes.append(probe)
 
     # -- starting -------------------------------------------------------------
@@ -396,6 +399,10 @@ class Session:
                     self._resolve(h, g)
                     self._groups.append(g)
             self._compile_and_attach()
+            if self._wants_stacks and self.symbolize:
+                tracker = self._tracker()  # made now, so polling keeps maps fresh
+                if self.target is not None and self._child is None:
+                    tracker.watch(self.target.pid, force=True)
             self._release()
             self._state = "running"
         except BaseException:
@@ -481,6 +488,9 @@ class Session:
         """
         self.start()
         assert self._epoll is not None
+        if self._symbolizer is not None and self.target is not None and self.target_alive():
+            # Keep the memory-map snapshot fresh (libraries loaded since, JIT maps).
+            self._symbolizer.watch(self.target.pid)
         if timeout is None or timeout > 0:
             if not any(g.ring.pending() for g in self._groups):
                 self._epoll.poll(timeout if timeout is not None else -1)
@@ -564,7 +574,10 @@ class Session:
             out.append(Event(ts, pid, tid, comm.split(b"\0", 1)[0].decode("utf-8", "replace"),
                              p.info, tuple(args), site, None, stack_ips))
         if plan.stack_depth and self.symbolize:
-            out = self._symbolize(out)
+            anchors = [(probes[r[3]].sites[min(r[4], len(probes[r[3]].sites) - 1)].binary,
+                        probes[r[3]].sites[min(r[4], len(probes[r[3]].sites) - 1)].vaddr)
+                       for r in recs]
+            out = self._tracker().symbolize(out, anchors)
         return out
 
     def _value(self, v: int, slot: _Slot, strs: bytes, flags: int) -> Any:
@@ -591,10 +604,17 @@ class Session:
             return v - (1 << 64)
         return v
 
-    def _symbolize(self, events: list[Event]) -> list[Event]:
-        from apptrace.stacks import symbolize_events
+    @property
+    def _wants_stacks(self) -> bool:
+        return any(h.spec.stack for h in self._handles)
 
-        return symbolize_events(self, events)
+    def _tracker(self) -> Any:
+        if self._symbolizer is None:
+            from apptrace.stacks import StackTracker
+
+            self._symbolizer = StackTracker()
+        return self._symbolizer
+
 
     # -- statistics and teardown ------------------------------------------------
 

@@ -138,7 +138,8 @@ def _emit(ev: Event, out: TextIO, as_json: bool) -> None:
             where = f" {f.file}:{f.line}" if f.file else ""
             name = f"{f.symbol}+{f.offset:#x}" if f.symbol else f"{f.addr:#x}"
             inl = " [inlined]" if f.inlined else ""
-            out.write(f"    {name}{inl}{where} ({f.module or '?'})\n")
+            why = f" <{f.reason}>" if f.symbol is None and getattr(f, "reason", None) else ""
+            out.write(f"    {name}{inl}{where} ({f.module or '?'}){why}\n")
 
 
 def _fold(ev: Event) -> str:

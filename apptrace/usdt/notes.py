@@ -139,6 +139,12 @@ class ElfImage:
                 return vaddr - start + off
         return None
 
+    def offset_to_vaddr(self, offset: int) -> Optional[int]:
+        for start, _memsz, off, filesz, _flags in self.loads:
+            if off <= offset < off + filesz:
+                return offset - off + start
+        return None
+
     def load_bias_offset(self) -> int:
         """p_vaddr - p_offset of the first PT_LOAD (for /proc/PID/maps math)."""
         if not self.loads:

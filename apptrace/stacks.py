@@ -1,0 +1,216 @@
+"""User stacks: captured in the kernel, symbolized here with blazesym in batches.
+
+How a stack is captured: ``bpf_get_stack(BPF_F_USER_STACK)`` copies the
+frame-pointer chain into the event, so events and stacks never race. The
+kernel walks frame pointers, so the traced code must keep them: C/C++ built
+with ``-fno-omit-frame-pointer`` (Debian and Fedora build most packages that
+way now), a JVM run with ``-XX:+PreserveFramePointer``. Without them a stack
+stops after the first frame or two.
+
+Processes that exit before we symbolize: the session snapshots each traced
+process's memory map (blazesym's ``cache_process``) when it first sees it and
+again now and then while it runs, so a stack is still symbolized after the
+process is gone.
+
+Java: for a JVM, ``jcmd PID Compiler.perfmap`` writes ``/tmp/perf-<nspid>.map``
+(JDK 17+); blazesym reads it for addresses in JIT code. For a JVM in another
+PID namespace the map is read through ``/proc/PID/root/tmp`` and copied to the
+host's ``/tmp/perf-<pid>.map``, where blazesym looks.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Optional
+
+from apptrace.errors import ApptraceError, SymbolizerError
+from apptrace.events import Event
+
+if TYPE_CHECKING:
+    from apptrace.symbolize import StackFrame
+
+__all__ = ["StackTracker", "symbolize_events", "write_perf_map", "is_jvm"]
+
+
+def is_jvm(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return any(line.rstrip().endswith("/libjvm.so") for line in f)
+    except OSError:
+        return False
+
+
+def _nspid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return int(line.split()[-1])
+    except OSError:
+        pass
+    return pid
+
+
+def write_perf_map(pid: int, timeout: float = 30.0) -> str:
+    """Ask a JVM to write its perf map; return the host path blazesym will read."""
+    exe = os.path.realpath(f"/proc/{pid}/exe")
+    jcmd = os.path.join(os.path.dirname(exe), "jcmd")
+    if not os.path.exists(jcmd):
+        jcmd = shutil.which("jcmd") or jcmd
+    try:
+        r = subprocess.run([jcmd, str(pid), "Compiler.perfmap"], capture_output=True,
+                           text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise ApptraceError(f"cannot run {jcmd} for JVM {pid}: {err}",
+                            hint="Java frames need jcmd from the same JDK (JDK 17+)") from err
+    if r.returncode != 0:
+        raise ApptraceError(f"jcmd {pid} Compiler.perfmap failed: "
+                            f"{(r.stdout + r.stderr).strip()[:300]}",
+                            hint="needs JDK 17+ and the JVM's attach mechanism enabled")
+    host = f"/tmp/perf-{pid}.map"
+    inner = f"/proc/{pid}/root/tmp/perf-{_nspid(pid)}.map"
+    src = inner if os.path.exists(inner) else host
+    _normalize_perf_map(src, host)  # also brings a container's map to the host's /tmp
+    return host
+
+
+def _normalize_perf_map(src: str, dst: str) -> None:
+    """Rewrite a perf map in the plain ``START SIZE name`` hex form.
+
+    JDK 17's ``Compiler.perfmap`` writes ``0x``-prefixed numbers, which
+    blazesym rejects as invalid data for the whole lookup.
+    """
+    try:
+        with open(src, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError as err:
+        raise ApptraceError(f"cannot read the JVM perf map {src}: {err}") from err
+    out = []
+    for line in lines:
+        parts = line.split(" ", 2)
+        if len(parts) < 3:
+            continue
+        start, size, name = parts
+        try:
+            out.append(f"{int(start, 16):x} {int(size, 16):x} {name}")
+        except ValueError:
+            continue
+    tmp = f"{dst}.apptrace.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("\n".join(out) + "\n")
+    os.replace(tmp, dst)
+
+
+class StackTracker:
+    """Per-session symbolization state: the symbolizer, cached PIDs, JVM maps."""
+
+    REFRESH = 0.5      # seconds between map snapshots of a live process
+    PERFMAP_EVERY = 5.0
+
+    def __init__(self) -> None:
+        from apptrace.symbolize import Symbolizer
+
+        self.symbolizer = Symbolizer()
+        self._cached: dict[int, float] = {}
+        self._perfmap: dict[int, float] = {}
+        self.errors: list[str] = []
+
+    def watch(self, pid: int, *, force: bool = False) -> None:
+        """Snapshot PID's maps now (and the JVM perf map, for a JVM)."""
+        now = time.monotonic()
+        last = self._cached.get(pid)
+        if not force and last is not None and now - last < self.REFRESH:
+            return
+        if is_jvm(pid) and now - self._perfmap.get(pid, -1e9) > self.PERFMAP_EVERY:
+            self._perfmap[pid] = now
+            try:
+                write_perf_map(pid)
+            except ApptraceError as err:
+                self.errors.append(str(err))
+        try:
+            self.symbolizer.cache_process(pid)
+            self._cached[pid] = now
+        except SymbolizerError:
+            self._cached.setdefault(pid, now)  # gone already; keep what we had
+
+    def symbolize(self, events: list[Event],
+                  anchors: Optional[list[tuple[str, int]]] = None) -> list[Event]:
+        """Fill ``stack`` from ``raw_stack``. ``anchors[i]`` = (binary, site vaddr)
+        of event i's probe: for a process gone before its maps were read, the
+        probe IP gives that binary's load bias, so its frames still resolve."""
+        by_pid: dict[int, list[int]] = {}
+        for i, ev in enumerate(events):
+            if ev.raw_stack:
+                by_pid.setdefault(ev.pid, []).append(i)
+        out = list(events)
+        for pid, idxs in by_pid.items():
+            if pid not in self._cached:
+                self.watch(pid, force=True)
+            leaf = [events[i].raw_stack[0] for i in idxs]  # type: ignore[index]
+            rets = [a for i in idxs for a in events[i].raw_stack[1:]]  # type: ignore[index]
+            try:
+                leaf_f = self.symbolizer.symbolize_process(pid, leaf)
+                ret_f = self.symbolizer.symbolize_process(pid, rets, return_addresses=True)
+            except SymbolizerError as err:
+                self.errors.append(str(err))
+                for i in idxs:
+                    out[i] = replace(events[i], stack=self._anchored(
+                        events[i].raw_stack or (), anchors[i] if anchors else None))
+                continue
+            k = 0
+            for n, i in enumerate(idxs):
+                frames: list[StackFrame] = list(leaf_f[n])
+                for _ in events[i].raw_stack[1:]:  # type: ignore[index]
+                    frames.extend(ret_f[k])
+                    k += 1
+                out[i] = replace(events[i], stack=tuple(frames))
+        return out
+
+    def _anchored(self, stack: tuple[int, ...],
+                  anchor: Optional[tuple[str, int]]) -> tuple[StackFrame, ...]:
+        if not stack or anchor is None or not anchor[1]:
+            return tuple(_unknown(a) for a in stack)
+        from apptrace.usdt.notes import ElfImage
+
+        binary, vaddr = anchor
+        bias = stack[0] - vaddr
+        try:
+            img = ElfImage(binary)
+        except ApptraceError:
+            return tuple(_unknown(a) for a in stack)
+        lo = min(ld[0] for ld in img.loads)
+        hi = max(ld[0] + ld[1] for ld in img.loads)
+        frames: list[StackFrame] = []
+        for i, a in enumerate(stack):
+            v = a - bias - (1 if i else 0)
+            if lo <= v < hi:
+                try:
+                    got = self.symbolizer.symbolize_elf(binary, [v])[0]
+                except SymbolizerError:
+                    got = [_unknown(a)]
+                frames.extend(replace(f, addr=a, module=f.module or binary) for f in got)
+            else:
+                frames.append(_unknown(a))
+        return tuple(frames)
+
+    def close(self) -> None:
+        self.symbolizer.close()
+
+
+def _unknown(addr: int) -> Any:
+    from apptrace.symbolize import StackFrame
+
+    return StackFrame(addr=addr, symbol=None, offset=0, file=None, line=None, inlined=False,
+                      module=None, reason="process exited before its memory map was read")
+
+
+def symbolize_events(session: Any, events: list[Event]) -> list[Event]:
+    """Used by :class:`apptrace.session.Session` for groups that asked for stacks."""
+    tracker: Optional[StackTracker] = session._symbolizer
+    if tracker is None:
+        tracker = session._symbolizer = StackTracker()
+    return tracker.symbolize(events)
