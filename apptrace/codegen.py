@@ -62,6 +62,8 @@ class GroupPlan:
     # (reads, site vaddr for rip-relative deltas); index = reader id
     site_cookies: list[int] = field(default_factory=list)  # for per-site entries
     multi: bool = True
+    fold: bool = False        # count (pid, comm, probe, site, stack) in the kernel; no events
+    stack_entries: int = 16384
 
     @property
     def name(self) -> str:
@@ -131,11 +133,60 @@ def _read_one(i: int, r: ArgRead, site_vaddr: int) -> str:
     return "\n        ".join(lines)
 
 
+FOLD_KEY = struct.Struct("<IIIi16s")  # pid, probe, site, stack id, comm
+
+
+def _entries(g: GroupPlan) -> str:
+    out = []
+    if g.multi:
+        out.append(f"int {g.name}_multi(struct pt_regs *ctx) {{"
+                   f" return {g.name}_body(ctx, bpf_get_attach_cookie(ctx)); }}")
+    for ck in g.site_cookies:
+        out.append(f"int {g.name}_c{ck:x}(struct pt_regs *ctx) {{"
+                   f" return {g.name}_body(ctx, {ck}ULL); }}")
+    return "\n".join(out)
+
+
+def _render_fold(g: GroupPlan) -> str:
+    """In-kernel stack counting: a stack map plus a hash of counts per stack.
+
+    A stack the map could not store (hash collision, no room) is still
+    counted, under its negative error code, so nothing is lost silently.
+    """
+    n = g.name
+    return f"""BPF_STACK_TRACE({n}_stacks, {g.stack_entries});
+struct {n}_key {{ u32 pid; u32 probe; u32 site; s32 stack; char comm[16]; }};
+BPF_HASH({n}_counts, struct {n}_key, u64, 65536);
+BPF_PERCPU_ARRAY({n}_lost, u64, {max(g.nprobes, 1)});
+static __always_inline int {n}_body(struct pt_regs *ctx, u64 ck) {{
+    struct {n}_key k = {{}};
+    u32 probe = ck >> 32;
+    k.pid = bpf_get_current_pid_tgid() >> 32;
+    k.probe = probe;
+    k.site = (ck >> 16) & 0xffff;
+    k.stack = {n}_stacks.get_stackid(ctx, BPF_F_USER_STACK);
+    bpf_get_current_comm(&k.comm, sizeof(k.comm));
+    u64 zero = 0;
+    u64 *c = {n}_counts.lookup_or_try_init(&k, &zero);
+    if (c) {{
+        __sync_fetch_and_add(c, 1);
+    }} else {{
+        u64 *l = {n}_lost.lookup(&probe);
+        if (l) *l += 1;
+    }}
+    return 0;
+}}
+{_entries(g)}"""
+
+
 def render(plans: list[GroupPlan]) -> str:
     """The whole C source for a session."""
     out = [header_c()]
     for g in plans:
         n = g.name
+        if g.fold:
+            out.append(_render_fold(g))
+            continue
         fields = [f"    struct apptrace_hdr h;", f"    u64 a[{max(g.nargs, 1)}];"]
         if g.nstr:
             fields.append(f"    char s[{g.nstr}][{g.str_max}];")
@@ -179,9 +230,5 @@ def render(plans: list[GroupPlan]) -> str:
 {stack}    {n}_rb.ringbuf_submit(e, 0);
     return 0;
 }}""")
-        if g.multi:
-            out.append(f"int {n}_multi(struct pt_regs *ctx) {{"
-                       f" return {n}_body(ctx, bpf_get_attach_cookie(ctx)); }}")
-        for ck in g.site_cookies:
-            out.append(f"int {n}_c{ck:x}(struct pt_regs *ctx) {{ return {n}_body(ctx, {ck}ULL); }}")
+        out.append(_entries(g))
     return "\n\n".join(out) + "\n"

@@ -82,6 +82,7 @@ class ProbeHandle:
     spec: ProbeSpec
     probes: list[ProbeInfo] = field(default_factory=list)
     _session: Any = None
+    fold: bool = False
 
     @property
     def count(self) -> int:
@@ -162,14 +163,21 @@ class Session:
         self._lock = threading.RLock()
         self.attach_seconds = 0.0
         self.exit_status: Optional[int] = None
+        self._ring_events: dict[int, int] = {}
+        self._folded_final: dict[str, int] = {}
 
     # -- building -----------------------------------------------------------
 
-    def add(self, spec: str, *, stack: bool = False) -> ProbeHandle:
-        """Add a probe string (``usdt:...``, ``uprobe:...``, ``uretprobe:...``)."""
+    def add(self, spec: str, *, stack: bool = False, fold: bool = False) -> ProbeHandle:
+        """Add a probe string (``usdt:...``, ``uprobe:...``, ``uretprobe:...``).
+
+        ``stack`` captures the user stack with each event. ``fold`` counts
+        identical (process, stack) pairs in the kernel instead of sending
+        events; read them with :meth:`folded`.
+        """
         if self._state != "new":
             raise ApptraceError("probes must be added before the session starts")
-        h = ProbeHandle(parse_probe(spec, stack=stack), _session=self)
+        h = ProbeHandle(parse_probe(spec, stack=stack or fold), _session=self, fold=fold)
         self._handles.append(h)
         return h
 
@@ -419,7 +427,7 @@ class Session:
             stack = self.stack_depth if g.handle.spec.stack else 0
             plan = GroupPlan(g.gid, g.nargs, g.nstr, self.str_max, stack,
                              self.ringbuf_pages, len(g.probes), g.reader_plans,
-                             multi=self.multi)
+                             multi=self.multi, fold=g.handle.fold)
             if not self.multi:
                 plan.site_cookies = sorted({self._cookie(pi, si, s.reader)
                                             for pi, p in enumerate(g.probes)
@@ -458,6 +466,8 @@ class Session:
                     for s in p.sites:
                         if s.semaphore_offset:
                             self._procmem.add(s.binary, s.semaphore_offset)
+            if g.plan.fold:
+                continue
             ring_fd = prog.map_fd(f"{g.plan.name}_rb")
             g.ring = RingReader(ring_fd, self.ringbuf_pages * 4096, g.plan.event_struct())
             self._epoll.register(ring_fd, select.EPOLLIN)
@@ -492,14 +502,17 @@ class Session:
             # Keep the memory-map snapshot fresh (libraries loaded since, JIT maps).
             self._symbolizer.watch(self.target.pid)
         if timeout is None or timeout > 0:
-            if not any(g.ring.pending() for g in self._groups):
+            if not any(g.ring.pending() for g in self._groups if g.ring is not None):
                 self._epoll.poll(timeout if timeout is not None else -1)
         out = []
         with self._lock:
             for g in self._groups:
+                if g.ring is None:
+                    continue
                 recs = g.ring.drain()
                 if recs:
                     self._stats.events += len(recs)
+                    self._ring_events[g.gid] = self._ring_events.get(g.gid, 0) + len(recs)
                     out.append((g, recs))
         return out
 
@@ -634,9 +647,62 @@ class Session:
                         if n:
                             st.lost_per_probe[p.info.label] = n
                         lost += n
-                    lost += g.ring.discarded
+                    if g.ring is not None:
+                        lost += g.ring.discarded
                 st.lost = lost
+                folded = {p.label: 0 for g in self._groups if g.handle.fold
+                          for p in (x.info for x in g.probes)}
+                if folded:
+                    for g, key, count in self._fold_rows():
+                        label = g.probes[key.probe].info.label
+                        folded[label] += count
+                    st.per_probe.update(folded)
+                    st.events = self._stats_events_rings + sum(folded.values())
             return st
+
+    @property
+    def _stats_events_rings(self) -> int:
+        return sum(st for st in self._ring_events.values())
+
+    def _fold_rows(self) -> list[tuple[_Group, Any, int]]:
+        rows = []
+        for g in self._groups:
+            if g.handle.fold and g.plan is not None:
+                for k, v in self._program.table(f"{g.plan.name}_counts").items():
+                    rows.append((g, k, int(v.value)))
+        return rows
+
+    def folded(self) -> dict[str, int]:
+        """Stacks counted in the kernel, as folded lines (``comm;outer;...;inner``)
+        mapped to counts: the input of flamegraph.pl and speedscope."""
+        with self._lock:
+            if self._program is None:
+                return dict(self._folded_final)
+            rows = self._fold_rows()
+            events, anchors, counts = [], [], []
+            for g, k, count in rows:
+                p = g.probes[k.probe]
+                site = p.sites[min(k.site, len(p.sites) - 1)]
+                ips: tuple[int, ...] = ()
+                if k.stack >= 0:
+                    ips = tuple(a for a in self._program.table(f"{g.plan.name}_stacks")
+                                .walk(k.stack) if a)
+                comm = bytes(k.comm).split(b"\0", 1)[0].decode("utf-8", "replace")
+                events.append(Event(0, k.pid, k.pid, comm, p.info, (), k.site, None, ips))
+                anchors.append((site.binary, site.vaddr))
+                counts.append((count, k.stack))
+            if self.symbolize and events:
+                events = self._tracker().symbolize(events, anchors)
+            out: dict[str, int] = {}
+            for ev, (count, sid) in zip(events, counts):
+                names = [(f.symbol or f"{f.addr:#x}").replace(";", ":")
+                         for f in reversed(ev.stack or ())]
+                if sid < 0:
+                    names = [f"[stack lost: {os.strerror(-sid)}]"]
+                line = ";".join([ev.comm] + names)
+                out[line] = out.get(line, 0) + count
+            self._folded_final = out
+            return out
 
     @property
     def probes(self) -> list[ProbeInfo]:
@@ -654,6 +720,8 @@ class Session:
         if self._program is not None:
             try:
                 self.stats()
+                if any(g.handle.fold for g in self._groups):
+                    self.folded()  # keep the counts readable after close
             except Exception:  # noqa: BLE001 - best effort before teardown
                 pass
         self._state = "closed"

@@ -76,11 +76,10 @@ class TraceCommand(Command):
         session = Session(pid=args.pid, path=args.path, command=command,
                           semaphores=args.semaphores, str_max=args.str_max,
                           symbolize=True)
-        folded: dict[str, int] = {}
         n = 0
         try:
             for p in args.probes:
-                session.add(p, stack=args.stack)
+                session.add(p, stack=args.stack, fold=args.folded)
             session.start()
             if not args.quiet:
                 sites = sum(p.sites for p in session.probes)
@@ -95,11 +94,7 @@ class TraceCommand(Command):
                     alive = session.target_alive()
                     events = session.poll(0.2 if remaining is None else min(0.2, remaining))
                     for ev in events:
-                        if args.folded:
-                            key = _fold(ev)
-                            folded[key] = folded.get(key, 0) + 1
-                        else:
-                            _emit(ev, out, args.json)
+                        _emit(ev, out, args.json)
                         n += 1
                         if args.count is not None and n >= args.count:
                             stopping["flag"] = True
@@ -111,7 +106,7 @@ class TraceCommand(Command):
             except KeyboardInterrupt:
                 pass
             if args.folded:
-                for key, c in sorted(folded.items(), key=lambda kv: -kv[1]):
+                for key, c in sorted(session.folded().items(), key=lambda kv: -kv[1]):
                     out.write(f"{key} {c}\n")
             stats = session.stats()
         finally:
@@ -140,12 +135,6 @@ def _emit(ev: Event, out: TextIO, as_json: bool) -> None:
             inl = " [inlined]" if f.inlined else ""
             why = f" <{f.reason}>" if f.symbol is None and getattr(f, "reason", None) else ""
             out.write(f"    {name}{inl}{where} ({f.module or '?'}){why}\n")
-
-
-def _fold(ev: Event) -> str:
-    frames = ev.stack or ()
-    names = [f.symbol or f"{f.addr:#x}" for f in reversed(frames)]
-    return ";".join([ev.comm] + names) if names else ev.comm
 
 
 def _summary(st: Stats, err: TextIO, status: Optional[int]) -> None:
