@@ -52,7 +52,7 @@ class Program:
     def __init__(self, text: str, cflags: Sequence[str] = ()) -> None:
         bcc = import_bcc()
         try:
-            self.bpf = bcc.BPF(text=text, cflags=list(cflags))
+            self.bpf = bcc.BPF(text=text.encode(), cflags=list(cflags))
         except Exception as err:  # bcc raises bare Exception; stderr has clang's text
             if os.geteuid() != 0:
                 raise TracePermissionError(f"cannot load BPF programs ({err})") from err
@@ -73,10 +73,10 @@ class Program:
         return int(fn.fd)
 
     def map_fd(self, name: str) -> int:
-        return int(self.bpf.get_table(name).map_fd)
+        return int(self.bpf.get_table(name.encode()).map_fd)
 
     def table(self, name: str) -> Any:
-        return self.bpf.get_table(name)
+        return self.bpf.get_table(name.encode())
 
     def attach_perf(self, prog_fd: int, path: str, offset: int, pid: int,
                     ref_ctr_offset: int, retprobe: bool, probe: str) -> None:

@@ -14,8 +14,6 @@ import subprocess
 from dataclasses import dataclass
 from typing import Optional
 
-import psutil
-
 from apptrace.errors import ProbeNotFoundError, ProcessGoneError, ProcessNotFoundError, \
     TracePermissionError
 
@@ -32,6 +30,8 @@ class ProcessRef:
 
     @classmethod
     def from_pid(cls, pid: int) -> ProcessRef:
+        import psutil  # imported here: `usdt list` without -p does not need it
+
         try:
             p = psutil.Process(pid)
             return cls(pid, p.create_time(), p.name())
@@ -43,6 +43,8 @@ class ProcessRef:
             raise ProcessNotFoundError(pid) from err
 
     def alive(self) -> bool:
+        import psutil
+
         try:
             p = psutil.Process(self.pid)
             return p.create_time() == self.create_time and p.status() != psutil.STATUS_ZOMBIE

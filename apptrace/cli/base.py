@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, TextIO
+from typing import Any, Optional, TextIO
 
 
 class CommandError(Exception):
@@ -28,6 +28,6 @@ class Command:
         raise NotImplementedError
 
 
-def print_json(obj: Any, out: TextIO = sys.stdout) -> None:
-    json.dump(obj, out, indent=None, separators=(",", ":"))
-    out.write("\n")
+def print_json(obj: Any, out: Optional[TextIO] = None) -> None:
+    """One compact JSON document and a newline, in a single write."""
+    (out or sys.stdout).write(json.dumps(obj, separators=(",", ":")) + "\n")

@@ -115,9 +115,12 @@ class ElfImage:
                            " (need an executable or shared object)", path=self.display)
         if not self.elf.little_endian:
             raise ElfError("big-endian ELF; this host is little-endian", path=self.display)
-        self.is64 = self.elf.elfclass == 64
         if hdr["e_machine"] != "EM_X86_64":
             raise ElfError(f"machine {hdr['e_machine']} is not supported (x86-64 only)",
+                           path=self.display)
+        self.is64 = self.elf.elfclass == 64
+        if not self.is64:
+            raise ElfError("32-bit ELF; this host traces 64-bit x86-64 objects only",
                            path=self.display)
         self.loads: list[tuple[int, int, int, int, int]] = []  # vaddr, memsz, offset, filesz, flags
         try:
@@ -132,11 +135,15 @@ class ElfImage:
     # -- addresses ---------------------------------------------------------
 
     def vaddr_to_offset(self, vaddr: int, *, executable: bool) -> Optional[int]:
-        for start, memsz, off, filesz, flags in self.loads:
-            if executable and not flags & _PF_X:
-                continue
-            if start <= vaddr < start + max(memsz, filesz):
-                return vaddr - start + off
+        """File offset of ``vaddr`` through the PT_LOAD holding it: an executable
+        one for code; for data a non-executable one first (as libbpf does)."""
+        passes = [True] if executable else [False, True]
+        for want_exec in passes:
+            for start, memsz, off, filesz, flags in self.loads:
+                if bool(flags & _PF_X) != want_exec:
+                    continue
+                if start <= vaddr < start + max(memsz, filesz):
+                    return vaddr - start + off
         return None
 
     def offset_to_vaddr(self, offset: int) -> Optional[int]:
@@ -156,7 +163,7 @@ class ElfImage:
     def section(self, name: str) -> Any:
         try:
             return self.elf.get_section_by_name(name)
-        except (_PyElfError, struct.error, ValueError) as err:
+        except (_PyElfError, struct.error, ValueError, IndexError) as err:
             raise ElfError(f"malformed section headers ({err})", path=self.display) from err
 
     def _section_bytes(self, sec: Any) -> bytes:
@@ -190,8 +197,7 @@ class ElfImage:
             sec = self.section(secname)
             if sec is None:
                 continue
-            link = self.elf.get_section(sec["sh_link"])
-            strtab = self._section_bytes(link)
+            strtab = self._section_bytes(self._linked(sec))
             data = self._section_bytes(sec)
             data = data[: len(data) - len(data) % entsize]
             for ent in struct.iter_unpack(fmt, data):
@@ -220,7 +226,7 @@ class ElfImage:
             sec = self.section(secname)
             if sec is None:
                 continue
-            strtab = self._section_bytes(self.elf.get_section(sec["sh_link"]))
+            strtab = self._section_bytes(self._linked(sec))
             data = self._section_bytes(sec)
             data = data[: len(data) - len(data) % entsize]
             for ent in struct.iter_unpack(fmt, data):
@@ -237,9 +243,22 @@ class ElfImage:
 
     # -- notes -------------------------------------------------------------
 
+    def _sections(self) -> list[Any]:
+        try:
+            return list(self.elf.iter_sections())
+        except (_PyElfError, struct.error, ValueError, IndexError) as err:
+            raise ElfError(f"malformed section headers ({err})", path=self.display) from err
+
+    def _linked(self, sec: Any) -> Any:
+        try:
+            return self.elf.get_section(sec["sh_link"])
+        except (_PyElfError, struct.error, ValueError, IndexError) as err:
+            raise ElfError(f"section {sec.name} links to a bad section ({err})",
+                           path=self.display) from err
+
     def sites(self) -> list[Site]:
         """Every stapsdt note, decoded, in file order; duplicates dropped."""
-        secs = [s for s in self.elf.iter_sections()
+        secs = [s for s in self._sections()
                 if s.name == ".note.stapsdt" and s["sh_type"] == "SHT_NOTE"]
         if not secs:
             raise NoProbesError(self.display)
@@ -284,7 +303,7 @@ class ElfImage:
     def _decode(self, raw: tuple[bytes, int, bytes], index: int,
                 base_addr: Optional[int]) -> Optional[Site]:
         name, ntype, desc = raw
-        if name.rstrip(b"\0") != b"stapsdt":
+        if name != b"stapsdt\0":
             return None  # some other note in the same section: not ours
         if ntype != 3:
             raise ElfError(f"stapsdt note of type {ntype} (only version 3 is defined)",

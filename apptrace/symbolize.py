@@ -1,0 +1,655 @@
+"""Turn captured user-space addresses into function names, files and lines.
+
+This is a cffi binding to blazesym-c (``libblazesym_c.so``, built by
+``make blazesym``). blazesym does the DWARF/ELF work in Rust, far faster than
+anything we could do in Python, and reads JIT perf maps too.
+
+Why ABI mode (``ffi.dlopen``) rather than API mode (a compiled extension):
+
+* Installing apptrace then needs no C compiler and no blazesym headers; the
+  shared library is found at run time (``APPTRACE_BLAZESYM``, the repo's
+  ``build/`` directory, or the system), so one wheel works with any build.
+* The cost ABI mode adds is per C call, and we make exactly one call per
+  batch of addresses. Reading the result struct costs the same in both modes.
+* The usual ABI-mode risk, a cdef whose layout drifts from the real header,
+  is covered by a unit test that compiles ``offsetof``/``sizeof`` against
+  ``build/blazesym/include/blazesym.h`` and compares them with cffi's view.
+
+Frame order: for every input address the frames come innermost first: the
+inlined functions (deepest first, ``inlined=True``) and then the real
+function that contains the code. A whole stack printed top-down therefore
+reads innermost to outermost, like gdb's ``bt``.
+
+Java and other JITs: with ``perf_map=True`` (the default) addresses in
+anonymous memory are looked up in ``/tmp/perf-PID.map``. Creating that file
+(perf-map-agent, ``jcmd PID Compiler.perfmap``, ``node --perf-basic-prof``,
+``python -X perf``) is the caller's job. blazesym reads it by host PID under the
+host's ``/tmp``, so a JIT in a container needs its map copied there.
+
+Threading: blazesym's symbolizer is not thread-safe and cffi drops the GIL
+during C calls, so every call on one :class:`Symbolizer` holds its lock.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import os
+import re
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from apptrace.errors import SymbolizerError
+
+__all__ = [
+    "StackFrame",
+    "Symbolizer",
+    "library_path",
+    "symbolizer_available",
+]
+
+ENV_VAR = "APPTRACE_BLAZESYM"
+LIB_NAME = "libblazesym_c.so"
+BUILD_HINT = (
+    "build it with `make blazesym` (needs cargo >= 1.88), or point "
+    f"{ENV_VAR} at an existing {LIB_NAME}"
+)
+
+# The subset of blazesym-c 0.1.10's include/blazesym.h that we use. Layouts
+# were checked against the header (see tests/unit/test_symbolize_unit.py).
+# ``syms[]`` instead of the header's ``syms[0]`` lets cffi index without a
+# bounds check.
+_CDEF = """
+typedef int16_t blaze_err;
+typedef uint8_t blaze_symbolize_reason;
+typedef struct blaze_symbolizer blaze_symbolizer;
+
+typedef struct blaze_symbolize_code_info {
+  const char *dir;
+  const char *file;
+  uint32_t line;
+  uint16_t column;
+  uint8_t reserved[10];
+} blaze_symbolize_code_info;
+
+typedef struct blaze_symbolize_inlined_fn {
+  const char *name;
+  struct blaze_symbolize_code_info code_info;
+  uint8_t reserved[8];
+} blaze_symbolize_inlined_fn;
+
+typedef struct blaze_sym {
+  const char *name;
+  const char *module;
+  uint64_t addr;
+  size_t offset;
+  ptrdiff_t size;
+  struct blaze_symbolize_code_info code_info;
+  size_t inlined_cnt;
+  const struct blaze_symbolize_inlined_fn *inlined;
+  blaze_symbolize_reason reason;
+  uint8_t reserved[15];
+} blaze_sym;
+
+typedef struct blaze_syms {
+  size_t cnt;
+  struct blaze_sym syms[];
+} blaze_syms;
+
+typedef struct blaze_symbolizer_dispatch {
+  char *(*dispatch_cb)(const char *maps_file, const char *symbolic_path, void *ctx);
+  void *ctx;
+} blaze_symbolizer_dispatch;
+
+typedef struct blaze_symbolizer_opts {
+  size_t type_size;
+  const char *const *debug_dirs;
+  size_t debug_dirs_len;
+  bool auto_reload;
+  bool code_info;
+  bool inlined_fns;
+  bool demangle;
+  uint8_t _reserved1[4];
+  const struct blaze_symbolizer_dispatch *process_dispatch;
+  uint8_t reserved[8];
+} blaze_symbolizer_opts;
+
+typedef struct blaze_symbolize_src_process {
+  size_t type_size;
+  uint32_t pid;
+  bool debug_syms;
+  bool perf_map;
+  bool no_map_files;
+  bool no_vdso;
+  uint8_t reserved[16];
+} blaze_symbolize_src_process;
+
+typedef struct blaze_symbolize_src_elf {
+  size_t type_size;
+  const char *path;
+  bool debug_syms;
+  uint8_t reserved[23];
+} blaze_symbolize_src_elf;
+
+typedef struct blaze_cache_src_process {
+  size_t type_size;
+  uint32_t pid;
+  bool cache_vmas;
+  uint8_t reserved[19];
+} blaze_cache_src_process;
+
+blaze_err blaze_err_last(void);
+const char *blaze_err_str(blaze_err err);
+const char *blaze_symbolize_reason_str(blaze_symbolize_reason reason);
+
+blaze_symbolizer *blaze_symbolizer_new_opts(const struct blaze_symbolizer_opts *opts);
+void blaze_symbolizer_free(blaze_symbolizer *symbolizer);
+
+void blaze_symbolize_cache_process(blaze_symbolizer *symbolizer,
+                                   const struct blaze_cache_src_process *cache);
+
+const struct blaze_syms *blaze_symbolize_process_abs_addrs(blaze_symbolizer *symbolizer,
+    const struct blaze_symbolize_src_process *src,
+    const uint64_t *abs_addrs, size_t abs_addr_cnt);
+const struct blaze_syms *blaze_symbolize_elf_virt_offsets(blaze_symbolizer *symbolizer,
+    const struct blaze_symbolize_src_elf *src,
+    const uint64_t *virt_offsets, size_t virt_offset_cnt);
+const struct blaze_syms *blaze_symbolize_elf_file_offsets(blaze_symbolizer *symbolizer,
+    const struct blaze_symbolize_src_elf *src,
+    const uint64_t *file_offsets, size_t file_offset_cnt);
+void blaze_syms_free(const struct blaze_syms *syms);
+"""
+
+_BLAZE_ERR_OK = 0
+_BLAZE_ERR_PERMISSION_DENIED = -1
+_BLAZE_ERR_NOT_FOUND = -2
+
+
+@dataclass(frozen=True)
+class StackFrame:
+    """One logical frame: a real function, or a function inlined into one.
+
+    ``reason`` is set only when the address could not be symbolized (then
+    ``symbol`` is None); it is blazesym's explanation, e.g. "address is
+    unmapped".
+    """
+
+    addr: int
+    symbol: Optional[str]
+    offset: int
+    file: Optional[str]
+    line: Optional[int]
+    inlined: bool
+    module: Optional[str]
+    reason: Optional[str] = None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict; ``reason`` appears only on unsymbolized frames."""
+        d: dict[str, Any] = {
+            "addr": self.addr,
+            "symbol": self.symbol,
+            "offset": self.offset,
+            "file": self.file,
+            "line": self.line,
+            "inlined": self.inlined,
+            "module": self.module,
+        }
+        if self.reason is not None:
+            d["reason"] = self.reason
+        return d
+
+    def __str__(self) -> str:
+        name = self.symbol if self.symbol is not None else "??"
+        text = f"{self.addr:#x} {name}"
+        if self.offset:
+            text += f"+{self.offset:#x}"
+        if self.inlined:
+            text += " [inlined]"
+        if self.file is not None:
+            text += f" {self.file}:{self.line}" if self.line else f" {self.file}"
+        elif self.module is not None:
+            text += f" ({self.module})"
+        return text
+
+
+# --------------------------------------------------------------------------
+# Loading the library
+
+
+class _Binding:
+    """An opened libblazesym_c plus the per-library constants we derive from it."""
+
+    def __init__(self, path: str) -> None:
+        try:
+            import cffi  # deferred: the rest of apptrace works without it
+        except ImportError as exc:
+            raise SymbolizerError(f"cffi is not installed: {exc}",
+                                  hint="pip install cffi") from exc
+        ffi = cffi.FFI()
+        ffi.cdef(_CDEF)
+        try:
+            lib = ffi.dlopen(path)
+        except OSError as exc:
+            raise SymbolizerError(
+                f"cannot load blazesym library {path}: {exc}", hint=BUILD_HINT
+            ) from exc
+        self.path = path
+        self.ffi = ffi
+        self.lib = lib
+        self.null = ffi.NULL
+        self.opts_size = ffi.sizeof("struct blaze_symbolizer_opts")
+        self.src_process_size = ffi.sizeof("struct blaze_symbolize_src_process")
+        self.src_elf_size = ffi.sizeof("struct blaze_symbolize_src_elf")
+        self.cache_process_size = ffi.sizeof("struct blaze_cache_src_process")
+        # The reason strings are static in the library: decode each once.
+        self.reasons = [
+            ffi.string(lib.blaze_symbolize_reason_str(r)).decode("utf-8", "replace")
+            for r in range(256)
+        ]
+
+    def err_text(self, code: int) -> str:
+        raw: bytes = self.ffi.string(self.lib.blaze_err_str(code))
+        return raw.decode("utf-8", "replace")
+
+
+_bindings: dict[str, _Binding] = {}
+_bindings_lock = threading.Lock()
+
+
+def _repo_build_lib() -> Path:
+    return Path(__file__).resolve().parent.parent / "build" / "blazesym" / LIB_NAME
+
+
+def library_path() -> str:
+    """Where libblazesym_c would be loaded from; raises SymbolizerError if nowhere.
+
+    An explicit ``APPTRACE_BLAZESYM`` wins and is never second-guessed: a
+    wrong value is an error, not a reason to pick some other library.
+    """
+    env = os.environ.get(ENV_VAR)
+    if env:
+        if not os.path.isfile(env):
+            raise SymbolizerError(
+                f"{ENV_VAR}={env} does not exist or is not a file", hint=BUILD_HINT
+            )
+        return os.path.abspath(env)
+    local = _repo_build_lib()
+    if local.is_file():
+        return str(local)
+    found = ctypes.util.find_library("blazesym_c")
+    if found:
+        return found
+    raise SymbolizerError(
+        f"blazesym library ({LIB_NAME}) not found: {ENV_VAR} is unset, {local} does not"
+        " exist and the system linker knows no libblazesym_c",
+        hint=BUILD_HINT,
+    )
+
+
+def _binding() -> _Binding:
+    path = library_path()
+    with _bindings_lock:
+        b = _bindings.get(path)
+        if b is None:
+            b = _bindings[path] = _Binding(path)
+        return b
+
+
+def _describe_version(path: str) -> str:
+    """Best-effort version text for `apptrace doctor`; never raises."""
+    parts = []
+    try:
+        marks = sorted(Path(path).parent.glob(".version-*"))
+        if marks:
+            parts.append("blazesym-c " + marks[-1].name[len(".version-"):])
+    except OSError:
+        pass
+    try:
+        with open(path, "rb") as f:
+            # Rust panic locations embed the core crate's registry path.
+            m = re.search(rb"blazesym-(\d+\.\d+\.\d+)", f.read())
+        if m:
+            parts.append("blazesym " + m.group(1).decode())
+    except OSError:
+        pass
+    return ", ".join(parts) if parts else "version unknown"
+
+
+def symbolizer_available() -> tuple[bool, str]:
+    """(ok, detail) for `apptrace doctor`: load blazesym and create a symbolizer."""
+    try:
+        path = library_path()
+        Symbolizer().close()
+    except SymbolizerError as exc:
+        return False, str(exc)
+    return True, f"{path} ({_describe_version(path)})"
+
+
+# --------------------------------------------------------------------------
+# The symbolizer
+
+
+class Symbolizer:
+    """Thread-safe wrapper (a lock around every call, blazesym's symbolizer is not thread-safe).
+
+    One instance caches parsed ELF/DWARF data and cached process maps for its
+    whole life and never evicts; recreate it now and then in long-running
+    tools to bound memory.
+
+    ``auto_reload`` is off by default, unlike in blazesym itself: it makes
+    blazesym stat the backing file for every address of a process lookup
+    (about 4 us each, a 10x slowdown). Without it a file that changes on disk
+    while this Symbolizer lives is still read from the cached copy. Process
+    lookups go through /proc/PID/map_files, so a new process of a rebuilt
+    binary is unaffected; turn it on when calling :meth:`symbolize_elf` on
+    files that get rebuilt in place.
+    """
+
+    def __init__(self, *, code_info: bool = True, inlined_fns: bool = True,
+                 demangle: bool = True, debug_dirs: Optional[Sequence[str]] = None,
+                 auto_reload: bool = False) -> None:
+        b = _binding()
+        ffi = b.ffi
+        self._b = b
+        self._lock = threading.Lock()
+        self._code_info = code_info
+        self._cached_pids: set[int] = set()
+        self._ptr: Any = None
+
+        opts = ffi.new("struct blaze_symbolizer_opts *")
+        opts.type_size = b.opts_size
+        # A zeroed opts struct turns everything off; say what we want.
+        opts.auto_reload = auto_reload
+        opts.code_info = code_info
+        opts.inlined_fns = inlined_fns and code_info
+        opts.demangle = demangle
+        keep: list[Any] = []
+        if debug_dirs is not None:
+            cstrs = [ffi.new("char[]", os.fsencode(d)) for d in debug_dirs]
+            arr = ffi.new("const char *[]", cstrs or 1)  # non-NULL even when empty
+            keep = [cstrs, arr]
+            opts.debug_dirs = arr
+            opts.debug_dirs_len = len(cstrs)
+        with self._lock:
+            ptr = b.lib.blaze_symbolizer_new_opts(opts)
+            if ptr == b.null:
+                raise self._last_error("cannot create symbolizer")
+        del keep  # blazesym copied the directory list
+        self._ptr = ffi.gc(ptr, b.lib.blaze_symbolizer_free)
+
+    # -- lifecycle
+
+    def close(self) -> None:
+        """Free blazesym's caches now rather than at garbage collection."""
+        with self._lock:
+            if self._ptr is not None:
+                self._b.ffi.release(self._ptr)
+                self._ptr = None
+
+    def __enter__(self) -> Symbolizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- public calls
+
+    def cache_process(self, pid: int) -> None:
+        """Snapshot the process's memory map so it can be symbolized after it exits.
+
+        Call it when a PID is first seen, and again after it loads libraries
+        (the snapshot is not refreshed). A PID reused by a new process keeps
+        the old snapshot until this is called again.
+        """
+        b = self._b
+        cache = b.ffi.new("struct blaze_cache_src_process *")
+        cache.type_size = b.cache_process_size
+        cache.pid = pid
+        cache.cache_vmas = True
+        with self._lock:
+            b.lib.blaze_symbolize_cache_process(self._live(), cache)
+            err = b.lib.blaze_err_last()
+            if err != _BLAZE_ERR_OK:
+                raise self._error(err, f"caching the maps of process {pid}")
+            self._cached_pids.add(pid)
+
+    def symbolize_process(self, pid: int, addrs: Sequence[int], *, perf_map: bool = True,
+                          return_addresses: bool = False) -> list[list[StackFrame]]:
+        """Symbolize absolute addresses of a live (or cached) process.
+
+        With ``return_addresses`` every address is looked up at ``addr - 1``
+        so that a call's return address maps to the call's line; the frames
+        still report the original address.
+        """
+        adjust = 1 if return_addresses else 0
+        return _dedup(addrs, lambda uniq: self._process(
+            pid, uniq, [adjust] * len(uniq) if adjust else None, perf_map))
+
+    def symbolize_stack(self, pid: int, stack: Sequence[int], *,
+                        perf_map: bool = True) -> list[StackFrame]:
+        """Symbolize a captured user stack (innermost first) into a flat frame list.
+
+        Frame 0 is the exact instruction pointer; every later entry is a
+        return address and is looked up one byte earlier. Zero entries (the
+        padding of BPF stack buffers) are skipped.
+        """
+        addrs = [a for a in stack if a]
+        if not addrs:
+            return []
+        adjust = [0 if i == 0 and stack[0] else 1 for i in range(len(addrs))]
+        frames: list[StackFrame] = []
+        for group in self._process(pid, addrs, adjust, perf_map):
+            frames.extend(group)
+        return frames
+
+    def symbolize_elf(self, path: str, virt_offsets: Sequence[int]) -> list[list[StackFrame]]:
+        """Symbolize addresses in an ELF file's own address space (as ``nm``/``readelf`` show)."""
+        return _dedup(virt_offsets, lambda uniq: self._elf(path, uniq, file_offsets=False))
+
+    def symbolize_elf_file_offsets(self, path: str,
+                                   file_offsets: Sequence[int]) -> list[list[StackFrame]]:
+        """Symbolize file offsets into an ELF (what address normalization produces)."""
+        return _dedup(file_offsets, lambda uniq: self._elf(path, uniq, file_offsets=True))
+
+    # -- internals
+
+    def _live(self) -> Any:
+        if self._ptr is None:
+            raise SymbolizerError("symbolizer is closed")
+        return self._ptr
+
+    def _error(self, err: int, what: str, pid: Optional[int] = None) -> SymbolizerError:
+        hint = None
+        if pid is not None and err == _BLAZE_ERR_NOT_FOUND:
+            hint = (f"process {pid} does not exist; to symbolize a process after it exits,"
+                    " call cache_process() while it runs")
+        elif err == _BLAZE_ERR_PERMISSION_DENIED:
+            hint = "reading another process's memory maps needs root (or CAP_SYS_PTRACE)"
+        return SymbolizerError(f"blazesym: {self._b.err_text(err)} ({what})", code=err,
+                               hint=hint)
+
+    def _last_error(self, what: str) -> SymbolizerError:
+        return self._error(self._b.lib.blaze_err_last(), what)
+
+    def _process(self, pid: int, addrs: Sequence[int], adjust: Optional[Sequence[int]],
+                 perf_map: bool) -> list[list[StackFrame]]:
+        if not addrs:
+            return []
+        b = self._b
+        src = b.ffi.new("struct blaze_symbolize_src_process *")
+        src.type_size = b.src_process_size
+        src.pid = pid
+        src.debug_syms = self._code_info
+        src.perf_map = perf_map
+        src.no_map_files = self._map_files_unusable(pid)
+        lookup = [a - d for a, d in zip(addrs, adjust)] if adjust else addrs
+        arr = _addr_array(b, lookup)
+        what = f"symbolizing {len(lookup)} addresses of process {pid}"
+        with self._lock:
+            res = b.lib.blaze_symbolize_process_abs_addrs(self._live(), src, arr, len(lookup))
+            if res == b.null:
+                err = b.lib.blaze_err_last()
+                if err == _BLAZE_ERR_PERMISSION_DENIED and not src.no_map_files:
+                    # /proc/PID/map_files needs CAP_SYS_ADMIN (or
+                    # CAP_CHECKPOINT_RESTORE); the paths in /proc/PID/maps do not.
+                    src.no_map_files = True
+                    res = b.lib.blaze_symbolize_process_abs_addrs(self._live(), src, arr,
+                                                                  len(lookup))
+                    if res == b.null:
+                        err = b.lib.blaze_err_last()
+                if res == b.null:
+                    raise self._error(err, what, pid)
+        return _convert(b, res, addrs, adjust)
+
+    def _map_files_unusable(self, pid: int) -> bool:
+        """True when blazesym must use the paths in maps instead of /proc/PID/map_files.
+
+        That is the case for a cached process that has exited (its map_files
+        are gone, and a zombie's maps are empty) and for callers that may not
+        read map_files at all.
+        """
+        if pid in self._cached_pids:
+            try:
+                with open(f"/proc/{pid}/maps", "rb") as f:
+                    if not f.read(1):
+                        return True
+            except OSError:
+                return True
+        return not _can_read_map_files()
+
+    def _elf(self, path: str, offsets: Sequence[int], *,
+             file_offsets: bool) -> list[list[StackFrame]]:
+        if not offsets:
+            return []
+        b = self._b
+        src = b.ffi.new("struct blaze_symbolize_src_elf *")
+        cpath = b.ffi.new("char[]", os.fsencode(path))
+        src.type_size = b.src_elf_size
+        src.path = cpath
+        src.debug_syms = self._code_info
+        arr = _addr_array(b, offsets)
+        fn = (b.lib.blaze_symbolize_elf_file_offsets if file_offsets
+              else b.lib.blaze_symbolize_elf_virt_offsets)
+        with self._lock:
+            res = fn(self._live(), src, arr, len(offsets))
+            if res == b.null:
+                raise self._last_error(f"symbolizing {len(offsets)} addresses in {path}")
+        return _convert(b, res, offsets, None)
+
+
+def _dedup(addrs: Sequence[int],
+           run: Callable[[Sequence[int]], list[list[StackFrame]]]) -> list[list[StackFrame]]:
+    """Look each distinct address up once; sampled stacks repeat hot addresses a lot.
+
+    Frames are immutable, so repeats share them; each gets its own list.
+    """
+    unique = list(dict.fromkeys(addrs))
+    if len(unique) == len(addrs):
+        return run(addrs)
+    by_addr = dict(zip(unique, run(unique)))
+    return [list(by_addr[a]) for a in addrs]
+
+
+def _addr_array(b: _Binding, addrs: Sequence[int]) -> Any:
+    if not isinstance(addrs, (list, tuple)):
+        addrs = list(addrs)
+    try:
+        return b.ffi.new("uint64_t[]", addrs)
+    except (OverflowError, TypeError) as exc:
+        raise SymbolizerError(f"addresses must be integers in [0, 2**64): {exc}") from exc
+
+
+_map_files_ok: Optional[bool] = None
+
+
+def _can_read_map_files() -> bool:
+    """Whether this process may resolve /proc/PID/map_files links (checked once)."""
+    global _map_files_ok
+    if _map_files_ok is None:
+        try:
+            names = os.listdir("/proc/self/map_files")
+            if names:
+                os.readlink(f"/proc/self/map_files/{names[0]}")
+            _map_files_ok = True
+        except OSError:
+            _map_files_ok = False
+    return _map_files_ok
+
+
+def _convert(b: _Binding, res: Any, addrs: Sequence[int],
+             adjust: Optional[Sequence[int]]) -> list[list[StackFrame]]:
+    """Copy a blaze_syms result into Python objects, then free it."""
+    try:
+        return _copy_syms(b, res, addrs, adjust)
+    finally:
+        b.lib.blaze_syms_free(res)
+
+
+def _copy_syms(b: _Binding, res: Any, addrs: Sequence[int],
+               adjust: Optional[Sequence[int]]) -> list[list[StackFrame]]:
+    """The hot loop: read every field we need out of the C result.
+
+    Strings repeat a lot within one result (one module, a few source files,
+    a function per several addresses), so each distinct byte string is
+    decoded once and source paths are joined once.
+    """
+    string = b.ffi.string
+    reasons = b.reasons
+    syms = res.syms
+    text: dict[bytes, str] = {}
+    paths: dict[tuple[Optional[bytes], bytes], str] = {}
+    frame = StackFrame
+
+    def source(ci: Any) -> Optional[str]:
+        f = ci.file
+        if not f:
+            return None
+        d = ci.dir
+        key = (string(d) if d else None, string(f))
+        p = paths.get(key)
+        if p is None:
+            dir_b, file_b = key
+            p = paths[key] = os.fsdecode(os.path.join(dir_b, file_b) if dir_b else file_b)
+        return p
+
+    out: list[list[StackFrame]] = []
+    append = out.append
+    for i in range(res.cnt):
+        s = syms[i]
+        addr = addrs[i]
+        name = s.name
+        if not name:
+            append([frame(addr, None, 0, None, None, False, None, reasons[s.reason])])
+            continue
+        raw = string(name)
+        symbol = text.get(raw)
+        if symbol is None:
+            symbol = text[raw] = raw.decode("utf-8", "replace")
+        module = None
+        if s.module:
+            raw = string(s.module)
+            module = text.get(raw)
+            if module is None:
+                module = text[raw] = os.fsdecode(raw)
+        ci = s.code_info
+        offset = s.offset + adjust[i] if adjust is not None else s.offset
+        outer = frame(addr, symbol, offset, source(ci), ci.line or None, False, module)
+        n = s.inlined_cnt
+        if not n:
+            append([outer])
+            continue
+        group: list[StackFrame] = []
+        inlined = s.inlined
+        for j in range(n - 1, -1, -1):  # blazesym lists them outermost first
+            fn = inlined[j]
+            raw = string(fn.name)
+            symbol = text.get(raw)
+            if symbol is None:
+                symbol = text[raw] = raw.decode("utf-8", "replace")
+            ici = fn.code_info
+            group.append(frame(addr, symbol, 0, source(ici), ici.line or None, True, module))
+        group.append(outer)
+        append(group)
+    return out

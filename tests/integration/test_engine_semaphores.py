@@ -1,0 +1,237 @@
+"""USDT semaphores (is-enabled probes), kernel and procmem modes, in the real kernel.
+
+Every check looks at the semaphore twice: through the fixture's own
+``*_ENABLED()`` test (usdt_sema prints ``sema <probe> <0|1>`` per stdin line)
+and by reading the 16-bit counter in the target's memory through
+/proc/PID/mem.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+
+from apptrace.errors import ApptraceError
+from apptrace.events import Event
+from apptrace.semaphores import read_semaphore, semaphore_address
+from apptrace.session import Session
+from apptrace.usdt.notes import read_probes
+
+pytestmark = pytest.mark.bpf
+
+ROOT = Path(__file__).resolve().parents[2]
+SEMA_PROBES = ("sema_ping", "sema_pong")
+
+
+def _sema_offsets(binary: Path) -> dict[str, int]:
+    out = {}
+    for p in read_probes(binary):
+        [site] = p.sites
+        assert site.semaphore_offset, f"{p.name} has no semaphore"
+        out[p.name] = site.semaphore_offset
+    return out
+
+
+class SemaChild:
+    """usdt_sema plus the counters of its semaphores in its memory."""
+
+    def __init__(self, spawn: Any, binary: Path) -> None:
+        self.binary = binary
+        self.child = spawn([binary])
+        self.pid = self.child.pid
+        self.n = 0  # stdin lines sent so far (the fixture's loop counter)
+        self.addrs = {name: semaphore_address(self.pid, str(binary), off)
+                      for name, off in _sema_offsets(binary).items()}
+        assert set(self.addrs) == set(SEMA_PROBES)
+
+    def counters(self) -> dict[str, int]:
+        return {name: read_semaphore(self.pid, a) for name, a in self.addrs.items()}
+
+    def ask(self) -> tuple[dict[str, int], dict[str, list[str]], int]:
+        """One stdin line: (is-enabled per probe, fired probe values, n)."""
+        n = self.n
+        self.child.send("\n")
+        self.n += 1
+        enabled: dict[str, int] = {}
+        fired: dict[str, list[str]] = {}
+        for probe in SEMA_PROBES:
+            line = self.child.readline()
+            word, name, flag = line.split(" ")
+            assert (word, name) == ("sema", probe), line
+            enabled[probe] = int(flag)
+            if enabled[probe]:
+                vals = self.child.readline().split(" ")
+                assert vals[0] == probe, vals
+                fired[probe] = vals[1:]
+        return enabled, fired, n
+
+
+def _expected(n: int) -> dict[str, tuple[Any, ...]]:
+    return {"sema_ping": (7 * n - 3, -100000000007 * n + 42), "sema_pong": (f"pong-{n}",)}
+
+
+def _collect(s: Session, want: int, timeout: float = 10.0) -> list[Event]:
+    events: list[Event] = []
+    deadline = time.monotonic() + timeout
+    while len(events) < want and time.monotonic() < deadline:
+        events.extend(s.poll(0.1))
+    events.extend(s.poll(0.05))  # anything extra would be a bug; keep it visible
+    return events
+
+
+def _add_sema_probes(s: Session) -> None:
+    s.add("usdt:apptrace_fx:sema_ping")
+    s.add("usdt:apptrace_fx:sema_pong(str)")
+
+
+OFF = {"sema_ping": 0, "sema_pong": 0}
+ON = {"sema_ping": 1, "sema_pong": 1}
+
+
+@pytest.mark.parametrize("build", ["pie", "nopie"])
+@pytest.mark.parametrize("mode", ["kernel", "procmem"])
+def test_semaphores_on_while_attached_only(fixtures_dir: Path, spawn: Any, mode: str,
+                                           build: str) -> None:
+    sc = SemaChild(spawn, fixtures_dir / f"usdt_sema_{build}")
+    assert sc.counters() == OFF
+    enabled, fired, _ = sc.ask()
+    assert enabled == OFF and fired == {}
+
+    with Session(pid=sc.pid, semaphores=mode) as s:
+        _add_sema_probes(s)
+        s.start()
+        assert sc.counters() == ON
+        rounds = [sc.ask() for _ in range(3)]
+        for enabled, fired, n in rounds:
+            assert enabled == ON
+            assert fired == {"sema_ping": [str(v) for v in _expected(n)["sema_ping"]],
+                             "sema_pong": [f"pong-{n}"]}
+        events = _collect(s, 6)
+        assert sc.counters() == ON
+        stats = s.stats()
+
+    # Detached: both views say off again, and nothing fires.
+    assert sc.counters() == OFF
+    enabled, fired, _ = sc.ask()
+    assert enabled == OFF and fired == {}
+
+    assert stats.lost == 0
+    assert all(ev.pid == sc.pid for ev in events)
+    got = {p: [ev.args for ev in events if ev.probe.name == f"apptrace_fx:{p}"]
+           for p in SEMA_PROBES}
+    assert got == {p: [_expected(n)[p] for _, _, n in rounds] for p in SEMA_PROBES}
+
+
+def test_kernel_mode_covers_process_started_after_attach(fixtures_dir: Path,
+                                                        spawn: Any) -> None:
+    binary = fixtures_dir / "usdt_sema_pie"
+    with Session(path=str(binary), semaphores="kernel") as s:
+        _add_sema_probes(s)
+        s.start()
+        sc = SemaChild(spawn, binary)   # exec'd after the probes were attached
+        assert sc.counters() == ON
+        rounds = [sc.ask() for _ in range(2)]
+        assert all(enabled == ON for enabled, _, _ in rounds)
+        events = _collect(s, 4)
+        later = SemaChild(spawn, binary)  # a second late process, too
+        assert later.counters() == ON
+        assert later.ask()[0] == ON
+        events += _collect(s, 2)
+    assert sc.counters() == OFF and later.counters() == OFF
+    assert sc.ask()[0] == OFF
+
+    mine = [ev for ev in events if ev.pid == sc.pid]
+    assert [ev.args for ev in mine] == [
+        _expected(n)[p] for _, _, n in rounds for p in SEMA_PROBES]
+    assert [ev.args for ev in events if ev.pid == later.pid] == [
+        _expected(0)[p] for p in SEMA_PROBES]
+    assert len(events) == 6
+
+
+@pytest.mark.parametrize("build", ["pie", "nopie"])
+def test_kernel_mode_library_dlopened_after_attach(fixtures_dir: Path, spawn: Any,
+                                                   build: str) -> None:
+    lib = (fixtures_dir / "libfxprobes.so").resolve()
+    [lib_sema] = [p.sites[0].semaphore_offset for p in read_probes(lib)
+                  if p.name == "lib_probe"]
+    assert lib_sema
+    count = 5
+    child = spawn([fixtures_dir / f"usdt_dlopen_{build}", count, "wait", "hold"])
+    assert "libfxprobes" not in Path(f"/proc/{child.pid}/maps").read_text()
+    with Session(pid=child.pid, semaphores="kernel") as s:
+        s.add(f"usdt:{lib}:apptrace_fx:lib_probe")
+        s.add(f"usdt:{lib}:apptrace_fx:lib_plain")
+        s.start()
+        with pytest.raises(ApptraceError):
+            semaphore_address(child.pid, str(lib), lib_sema)  # not mapped yet
+        child.send("\n")                                     # dlopen
+        assert child.readline() == "loaded"
+        addr = semaphore_address(child.pid, str(lib), lib_sema)
+        assert read_semaphore(child.pid, addr) == 1
+        child.send("\n")                                     # fx_lib_run(count)
+        lines = []
+        while (line := child.readline()) != "done":
+            assert line, "fixture ended early"
+            lines.append(line)
+        events = _collect(s, 2 * count)
+        stats = s.stats()
+    assert [ln for ln in lines if ln.startswith("sema ")] == ["sema lib_probe 1"] * count
+    assert stats.lost == 0
+    assert all(ev.pid == child.pid for ev in events)
+    assert all(ev.probe.binary == str(lib) for ev in events)
+    probe_ev = [ev.args for ev in events if ev.probe.name == "apptrace_fx:lib_probe"]
+    plain_ev = [ev.args for ev in events if ev.probe.name == "apptrace_fx:lib_plain"]
+    assert probe_ev == [(3 * k - 7, -4000000000 * k - 1) for k in range(count)]
+    assert probe_ev == [tuple(int(v) for v in ln.split()[1:]) for ln in lines
+                        if ln.startswith("lib_probe ")]
+    assert plain_ev == [(-1000 * k - 1,) for k in range(count)]
+
+
+TRACER = """
+import sys, time
+from apptrace.session import Session
+s = Session(pid=int(sys.argv[1]), semaphores="kernel")
+s.add("usdt:apptrace_fx:sema_ping")
+s.add("usdt:apptrace_fx:sema_pong")
+s.start()
+print("attached", flush=True)
+time.sleep(300)
+"""
+
+
+def _readline(proc: subprocess.Popen[str], timeout: float) -> Optional[str]:
+    assert proc.stdout is not None
+    r, _, _ = select.select([proc.stdout], [], [], timeout)
+    return proc.stdout.readline().strip() if r else None
+
+
+def test_sigkill_of_tracer_drops_kernel_semaphores(fixtures_dir: Path, spawn: Any) -> None:
+    sc = SemaChild(spawn, fixtures_dir / "usdt_sema_pie")
+    tracer = subprocess.Popen([sys.executable, "-c", TRACER, str(sc.pid)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=ROOT)
+    try:
+        line = _readline(tracer, 30)
+        assert line == "attached", (line, tracer.poll())
+        assert sc.counters() == ON
+        assert sc.ask()[0] == ON
+        os.kill(tracer.pid, signal.SIGKILL)
+        assert tracer.wait(10) == -signal.SIGKILL
+    finally:
+        if tracer.poll() is None:
+            tracer.kill()
+        tracer.communicate()
+    deadline = time.monotonic() + 5
+    while sc.counters() != OFF and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sc.counters() == OFF
+    enabled, fired, _ = sc.ask()
+    assert enabled == OFF and fired == {}

@@ -1,0 +1,437 @@
+"""apptrace.symbolize against real binaries compiled here (no root, no mocks).
+
+Line numbers are found by searching the source text for ``MARK:`` comments,
+so editing the programs below cannot silently break the expectations.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from elftools.elf.elffile import ELFFile
+from elftools.elf.sections import SymbolTableSection
+
+from apptrace.errors import SymbolizerError
+from apptrace.symbolize import StackFrame, Symbolizer, library_path, symbolizer_available
+
+REPO = Path(__file__).resolve().parents[2]
+HEADER = REPO / "build" / "blazesym" / "include" / "blazesym.h"
+
+C_SOURCE = r"""
+#include <stdio.h>
+
+static inline __attribute__((always_inline)) int bz_leaf(int x) {
+    int y = x * 3;                      /* MARK:leaf_body */
+    return y + 1;                       /* MARK:leaf_return */
+}
+
+__attribute__((noinline)) int bz_middle(int x) {   /* MARK:middle_def */
+    int r = bz_leaf(x);                 /* MARK:middle_call */
+    return r + 2;
+}
+
+__attribute__((noinline)) int bz_outer(int x) {    /* MARK:outer_def */
+    int v = bz_middle(x + 1);           /* MARK:outer_call */
+    return v;
+}                                       /* MARK:outer_end */
+
+int main(int argc, char **argv) {
+    (void)argv;
+    printf("%d\n", bz_outer(argc));
+    return 0;
+}
+"""
+
+CXX_SOURCE = r"""
+namespace ns {
+struct Klass {
+    int base;
+    int method(int x);
+};
+
+__attribute__((noinline)) int Klass::method(int x) {   // MARK:method_def
+    return base + x;
+}
+}  // namespace ns
+
+int main(int argc, char **) {
+    ns::Klass k{argc};
+    return k.method(argc) == 42;
+}
+"""
+
+
+def _library_or_skip() -> None:
+    """Skip without a built library, except in CI where that is a failure."""
+    try:
+        library_path()
+    except SymbolizerError as exc:
+        if os.environ.get("CI") == "true" or os.environ.get("APPTRACE_REQUIRE_BPF") == "1":
+            pytest.fail(f"blazesym library missing in CI: {exc}")
+        pytest.skip(f"blazesym not built: {exc}")
+
+
+def marker_line(source: str, mark: str) -> int:
+    """1-based line of the ``MARK:<mark>`` comment in ``source``."""
+    pattern = re.compile(rf"MARK:{re.escape(mark)}\b")
+    for number, text in enumerate(source.splitlines(), start=1):
+        if pattern.search(text):
+            return number
+    raise AssertionError(f"marker {mark} not in source")
+
+
+def symbols(path: Path) -> dict[str, tuple[int, int]]:
+    """Function name -> (st_value, st_size) from .symtab."""
+    with open(path, "rb") as f:
+        elf = ELFFile(f)
+        table = elf.get_section_by_name(".symtab")
+        assert isinstance(table, SymbolTableSection), "test binary lost its .symtab"
+        return {
+            s.name: (s["st_value"], s["st_size"])
+            for s in table.iter_symbols()
+            if s["st_info"]["type"] == "STT_FUNC" and s["st_value"]
+        }
+
+
+def file_offset(path: Path, vaddr: int) -> int:
+    with open(path, "rb") as f:
+        for seg in ELFFile(f).iter_segments():
+            if seg["p_type"] == "PT_LOAD" and \
+                    seg["p_vaddr"] <= vaddr < seg["p_vaddr"] + seg["p_filesz"]:
+                return vaddr - seg["p_vaddr"] + seg["p_offset"]
+    raise AssertionError(f"{vaddr:#x} not in a PT_LOAD segment")
+
+
+def compile_program(tmp: Path, source: str, name: str, compiler: str) -> Path:
+    if shutil.which(compiler) is None:
+        pytest.skip(f"{compiler} not installed")
+    ext = ".cc" if compiler == "g++" else ".c"
+    src = tmp / f"{name}{ext}"
+    src.write_text(source)
+    out = tmp / name
+    subprocess.run([compiler, "-g", "-O0", "-fno-omit-frame-pointer", str(src), "-o", str(out)],
+                   check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def c_prog(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    _library_or_skip()
+    return compile_program(tmp_path_factory.mktemp("bzc"), C_SOURCE, "bzprog", "gcc")
+
+
+@pytest.fixture(scope="module")
+def cxx_prog(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    _library_or_skip()
+    return compile_program(tmp_path_factory.mktemp("bzcxx"), CXX_SOURCE, "bzcxx", "g++")
+
+
+@pytest.fixture(scope="module")
+def symz() -> Iterator[Symbolizer]:
+    _library_or_skip()
+    with Symbolizer() as s:
+        yield s
+
+
+def whole_function(symz: Symbolizer, prog: Path, name: str) -> list[list[StackFrame]]:
+    start, size = symbols(prog)[name]
+    assert size > 0
+    return symz.symbolize_elf(str(prog), range(start, start + size))
+
+
+# --------------------------------------------------------------------------
+
+
+def test_function_entry_name_file_line(symz: Symbolizer, c_prog: Path) -> None:
+    syms = symbols(c_prog)
+    groups = symz.symbolize_elf(str(c_prog), [syms["bz_middle"][0], syms["bz_outer"][0]])
+    assert len(groups) == 2
+    for group, func, mark in ((groups[0], "bz_middle", "middle_def"),
+                              (groups[1], "bz_outer", "outer_def")):
+        assert len(group) == 1
+        frame = group[0]
+        assert frame.symbol == func
+        assert frame.offset == 0
+        assert frame.addr == syms[func][0]
+        assert not frame.inlined
+        assert frame.file is not None and os.path.basename(frame.file) == "bzprog.c"
+        assert os.path.isabs(frame.file), "dir and file should be joined"
+        assert frame.line == marker_line(C_SOURCE, mark)
+        assert frame.module == str(c_prog)
+        assert frame.reason is None
+
+
+def test_offsets_and_lines_inside_function(symz: Symbolizer, c_prog: Path) -> None:
+    start, size = symbols(c_prog)["bz_outer"]
+    groups = whole_function(symz, c_prog, "bz_outer")
+    assert [g[0].offset for g in groups] == list(range(size))
+    assert {g[0].symbol for g in groups} == {"bz_outer"}
+    lines = {g[0].line for g in groups}
+    assert marker_line(C_SOURCE, "outer_call") in lines
+    assert min(lines) == marker_line(C_SOURCE, "outer_def")  # type: ignore[type-var]
+    assert max(lines) == marker_line(C_SOURCE, "outer_end")  # type: ignore[type-var]
+
+
+def test_inlined_frames_innermost_first(symz: Symbolizer, c_prog: Path) -> None:
+    groups = whole_function(symz, c_prog, "bz_middle")
+    inlined = [g for g in groups if len(g) > 1]
+    assert inlined, "always_inline bz_leaf produced no inlined frames"
+    leaf_lines = {marker_line(C_SOURCE, "leaf_body"), marker_line(C_SOURCE, "leaf_return")}
+    seen_leaf_lines = set()
+    for group in inlined:
+        assert len(group) == 2
+        inner, outer = group
+        assert (inner.symbol, inner.inlined) == ("bz_leaf", True)
+        assert (outer.symbol, outer.inlined) == ("bz_middle", False)
+        assert inner.addr == outer.addr
+        assert inner.offset == 0 and outer.offset > 0
+        assert inner.file is not None and os.path.basename(inner.file) == "bzprog.c"
+        assert inner.line in leaf_lines
+        seen_leaf_lines.add(inner.line)
+        # The outer frame shows where the inlined call sits in bz_middle.
+        assert outer.line == marker_line(C_SOURCE, "middle_call")
+        assert inner.module == outer.module == str(c_prog)
+    assert seen_leaf_lines == leaf_lines
+    # Outside the inlined range there is a single, non-inlined frame.
+    assert all(not g[0].inlined for g in groups if len(g) == 1)
+
+
+def test_inlined_fns_off(c_prog: Path) -> None:
+    with Symbolizer(inlined_fns=False) as s:
+        start, size = symbols(c_prog)["bz_middle"]
+        groups = s.symbolize_elf(str(c_prog), range(start, start + size))
+    assert all(len(g) == 1 and g[0].symbol == "bz_middle" for g in groups)
+
+
+def test_code_info_off_gives_names_only(c_prog: Path) -> None:
+    start, size = symbols(c_prog)["bz_middle"]
+    with Symbolizer(code_info=False) as s:
+        groups = s.symbolize_elf(str(c_prog), [start, start + size - 1])
+    for g in groups:
+        assert len(g) == 1
+        assert g[0].symbol == "bz_middle"
+        assert g[0].file is None and g[0].line is None
+
+
+def test_cxx_demangled(symz: Symbolizer, cxx_prog: Path) -> None:
+    start, _ = symbols(cxx_prog)["_ZN2ns5Klass6methodEi"]
+    [[frame]] = symz.symbolize_elf(str(cxx_prog), [start])
+    assert frame.symbol == "ns::Klass::method(int)"
+    assert frame.file is not None and os.path.basename(frame.file) == "bzcxx.cc"
+    assert frame.line == marker_line(CXX_SOURCE, "method_def")
+
+
+def test_cxx_mangled_when_demangle_off(cxx_prog: Path) -> None:
+    start, _ = symbols(cxx_prog)["_ZN2ns5Klass6methodEi"]
+    with Symbolizer(demangle=False) as s:
+        [[frame]] = s.symbolize_elf(str(cxx_prog), [start])
+    assert frame.symbol == "_ZN2ns5Klass6methodEi"
+
+
+def test_file_offsets_match_virt_offsets(symz: Symbolizer, c_prog: Path) -> None:
+    syms = symbols(c_prog)
+    vaddrs = [syms["bz_middle"][0] + 3, syms["bz_outer"][0] + 5, syms["main"][0]]
+    offsets = [file_offset(c_prog, v) for v in vaddrs]
+    by_vaddr = symz.symbolize_elf(str(c_prog), vaddrs)
+    by_offset = symz.symbolize_elf_file_offsets(str(c_prog), offsets)
+    assert [[(f.symbol, f.line, f.offset) for f in g] for g in by_offset] == \
+        [[(f.symbol, f.line, f.offset) for f in g] for g in by_vaddr]
+    assert [g[-1].addr for g in by_offset] == offsets
+
+
+def test_unknown_address_yields_reason(symz: Symbolizer, c_prog: Path) -> None:
+    syms = symbols(c_prog)
+    # Below the first section: nothing can claim these. (Past the end of the
+    # image blazesym would report the sizeless linker symbol `_end`.)
+    groups = symz.symbolize_elf(str(c_prog), [0x10, syms["main"][0], 0x18])
+    assert [len(g) for g in groups] == [1, 1, 1]
+    for g in (groups[0], groups[2]):
+        frame = g[0]
+        assert frame.symbol is None and frame.file is None and frame.line is None
+        assert frame.reason, "an unsymbolized frame should say why"
+        assert frame.to_json()["reason"] == frame.reason
+    assert groups[1][0].symbol == "main"
+
+
+def test_empty_input(symz: Symbolizer, c_prog: Path) -> None:
+    assert symz.symbolize_elf(str(c_prog), []) == []
+    assert symz.symbolize_process(os.getpid(), []) == []
+    assert symz.symbolize_stack(os.getpid(), []) == []
+
+
+def test_repeated_addresses(symz: Symbolizer, c_prog: Path) -> None:
+    syms = symbols(c_prog)
+    a, b = syms["bz_middle"][0], syms["bz_outer"][0]
+    groups = symz.symbolize_elf(str(c_prog), [a, b, a, a])
+    assert [g[0].symbol for g in groups] == ["bz_middle", "bz_outer", "bz_middle", "bz_middle"]
+    assert groups[0] == groups[2] and groups[0] is not groups[2]
+
+
+def test_bad_addresses(symz: Symbolizer, c_prog: Path) -> None:
+    for bad in ([-1], [1 << 64], ["0x10"]):
+        with pytest.raises(SymbolizerError):
+            symz.symbolize_elf(str(c_prog), bad)  # type: ignore[arg-type]
+
+
+def test_auto_reload_sees_rebuilt_file(tmp_path: Path) -> None:
+    """With auto_reload a binary rebuilt at the same path is re-read."""
+    _library_or_skip()
+    first = compile_program(tmp_path, C_SOURCE, "prog", "gcc")
+    start = symbols(first)["bz_outer"][0]
+    with Symbolizer(auto_reload=True) as s:
+        [[before]] = s.symbolize_elf(str(first), [start])
+        assert before.symbol == "bz_outer"
+        renamed = C_SOURCE.replace("bz_outer", "bz_renamed")
+        (tmp_path / "v2").mkdir()
+        rebuilt = compile_program(tmp_path / "v2", renamed, "prog", "gcc")
+        os.replace(rebuilt, first)
+        [[after]] = s.symbolize_elf(str(first), [symbols(first)["bz_renamed"][0]])
+    assert after.symbol == "bz_renamed"
+
+
+def test_to_json_keys(symz: Symbolizer, c_prog: Path) -> None:
+    [[frame]] = symz.symbolize_elf(str(c_prog), [symbols(c_prog)["main"][0]])
+    d = frame.to_json()
+    assert set(d) == {"addr", "symbol", "offset", "file", "line", "inlined", "module"}
+    assert d["symbol"] == "main" and d["inlined"] is False
+    assert "main" in str(frame)
+
+
+def test_debug_link_found_through_debug_dirs(tmp_path: Path, c_prog: Path) -> None:
+    """A stripped binary gets file/line back from a .debug file in debug_dirs."""
+    if shutil.which("objcopy") is None:
+        pytest.skip("objcopy not installed")
+    bindir, dbgdir = tmp_path / "bin", tmp_path / "dbg"
+    bindir.mkdir()
+    dbgdir.mkdir()
+    stripped = bindir / "bzprog"
+    debug = dbgdir / "bzprog.debug"
+    subprocess.run(["objcopy", "--only-keep-debug", str(c_prog), str(debug)], check=True)
+    subprocess.run(["objcopy", "--strip-debug", f"--add-gnu-debuglink={debug}",
+                    str(c_prog), str(stripped)], check=True)
+    start = symbols(c_prog)["bz_outer"][0]
+    with Symbolizer() as plain:
+        [[frame]] = plain.symbolize_elf(str(stripped), [start])
+    assert frame.symbol == "bz_outer" and frame.file is None
+    with Symbolizer(debug_dirs=[str(dbgdir)]) as s:
+        [[frame]] = s.symbolize_elf(str(stripped), [start])
+    assert frame.symbol == "bz_outer"
+    assert frame.line == marker_line(C_SOURCE, "outer_def")
+
+
+def test_invalid_path_raises_blazesym_error(symz: Symbolizer, tmp_path: Path) -> None:
+    with pytest.raises(SymbolizerError) as info:
+        symz.symbolize_elf(str(tmp_path / "no-such-binary"), [0x1000])
+    assert str(info.value).startswith("blazesym: ")
+    assert "not found" in str(info.value)
+    assert info.value.code == -2
+    notelf = tmp_path / "not-elf"
+    notelf.write_text("hello\n")
+    with pytest.raises(SymbolizerError) as info:
+        symz.symbolize_elf(str(notelf), [0x1000])
+    assert info.value.code is not None and info.value.code < 0
+
+
+def test_missing_library_env_var(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("APPTRACE_BLAZESYM", str(tmp_path / "libblazesym_c.so"))
+    with pytest.raises(SymbolizerError) as info:
+        Symbolizer()
+    assert "make blazesym" in (info.value.hint or "")
+    ok, detail = symbolizer_available()
+    assert not ok and "make blazesym" in detail
+
+
+def test_unloadable_library_env_var(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    bogus = tmp_path / "libblazesym_c.so"
+    bogus.write_bytes(b"not a shared object")
+    monkeypatch.setenv("APPTRACE_BLAZESYM", str(bogus))
+    with pytest.raises(SymbolizerError) as info:
+        Symbolizer()
+    assert "make blazesym" in (info.value.hint or "")
+
+
+def test_symbolizer_available() -> None:
+    _library_or_skip()
+    ok, detail = symbolizer_available()
+    assert ok, detail
+    assert "libblazesym_c" in detail
+
+
+def test_closed_symbolizer(c_prog: Path) -> None:
+    s = Symbolizer()
+    with s:
+        pass
+    s.close()  # twice is fine
+    with pytest.raises(SymbolizerError):
+        s.symbolize_elf(str(c_prog), [0x1000])
+
+
+def test_threads_share_one_symbolizer(c_prog: Path) -> None:
+    start, size = symbols(c_prog)["bz_middle"]
+    addrs = list(range(start, start + size)) * 20
+    with Symbolizer() as s:
+        expected = s.symbolize_elf(str(c_prog), addrs)
+        results: list[object] = []
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                for _ in range(10):
+                    results.append(s.symbolize_elf(str(c_prog), addrs))
+            except BaseException as exc:  # noqa: B036 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors
+    assert len(results) == 40 and all(r == expected for r in results)
+
+
+def test_cdef_layout_matches_header(tmp_path: Path) -> None:
+    """ABI mode trusts our cdef: compare its layout with the real header's."""
+    _library_or_skip()
+    if not HEADER.is_file() or shutil.which("gcc") is None:
+        pytest.skip("blazesym.h or gcc missing")
+    from apptrace import symbolize
+
+    ffi = symbolize._binding().ffi
+    checks: list[str] = []
+    for struct in ("blaze_symbolize_code_info", "blaze_symbolize_inlined_fn", "blaze_sym",
+                   "blaze_syms", "blaze_symbolizer_opts", "blaze_symbolize_src_process",
+                   "blaze_symbolize_src_elf", "blaze_cache_src_process"):
+        ctype = ffi.typeof(f"struct {struct}")
+        checks.append(f'printf("{struct} %zu\\n", sizeof(struct {struct}));')
+        for field, _ in ctype.fields:
+            checks.append(f'printf("{struct}.{field} %zu\\n", '
+                          f'offsetof(struct {struct}, {field}));')
+    prog = tmp_path / "layout.c"
+    prog.write_text("#include <stdio.h>\n#include <stddef.h>\n#include <blazesym.h>\n"
+                    "int main(void) {\n" + "\n".join(checks) + "\nreturn 0;\n}\n")
+    exe = tmp_path / "layout"
+    subprocess.run(["gcc", "-I", str(HEADER.parent), str(prog), "-o", str(exe)],
+                   check=True, capture_output=True)
+    real = dict(line.split() for line in subprocess.check_output([str(exe)], text=True)
+                .splitlines())
+    ours = {}
+    for key in real:
+        struct, _, field = key.partition(".")
+        if field:
+            ours[key] = str(ffi.offsetof(f"struct {struct}", field))
+        else:
+            ours[key] = str(ffi.sizeof(f"struct {struct}"))
+    assert ours == real
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
