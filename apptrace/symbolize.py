@@ -357,6 +357,10 @@ class Symbolizer:
         self._code_info = code_info
         self._cached_pids: set[int] = set()
         self._ptr: Any = None
+        self._auto_reload = auto_reload
+        self._results: dict[tuple[Any, ...], dict[int, list[StackFrame]]] = {}
+        self._result_count = 0
+        self._maps_seen: dict[int, bytes] = {}
 
         opts = ffi.new("struct blaze_symbolizer_opts *")
         opts.type_size = b.opts_size
@@ -403,6 +407,14 @@ class Symbolizer:
         (the snapshot is not refreshed). A PID reused by a new process keeps
         the old snapshot until this is called again.
         """
+        try:
+            with open(f"/proc/{pid}/maps", "rb") as f:
+                maps = f.read()
+        except OSError:
+            maps = b""
+        if maps and self._maps_seen.get(pid) != maps:
+            self._maps_seen[pid] = maps
+            self._forget_process(pid)  # the same address may now mean something else
         b = self._b
         cache = b.ffi.new("struct blaze_cache_src_process *")
         cache.type_size = b.cache_process_size
@@ -424,7 +436,7 @@ class Symbolizer:
         still report the original address.
         """
         adjust = 1 if return_addresses else 0
-        return _dedup(addrs, lambda uniq: self._process(
+        return self._cached(("p", pid, adjust, perf_map), addrs, lambda uniq: self._process(
             pid, uniq, [adjust] * len(uniq) if adjust else None, perf_map))
 
     def symbolize_stack(self, pid: int, stack: Sequence[int], *,
@@ -446,14 +458,49 @@ class Symbolizer:
 
     def symbolize_elf(self, path: str, virt_offsets: Sequence[int]) -> list[list[StackFrame]]:
         """Symbolize addresses in an ELF file's own address space (as ``nm``/``readelf`` show)."""
-        return _dedup(virt_offsets, lambda uniq: self._elf(path, uniq, file_offsets=False))
+        return self._cached(("v", path), virt_offsets,
+                            lambda uniq: self._elf(path, uniq, file_offsets=False))
 
     def symbolize_elf_file_offsets(self, path: str,
                                    file_offsets: Sequence[int]) -> list[list[StackFrame]]:
         """Symbolize file offsets into an ELF (what address normalization produces)."""
-        return _dedup(file_offsets, lambda uniq: self._elf(path, uniq, file_offsets=True))
+        return self._cached(("f", path), file_offsets,
+                            lambda uniq: self._elf(path, uniq, file_offsets=True))
 
     # -- internals
+
+    CACHE_LIMIT = 1 << 20  # addresses remembered per symbolizer before starting over
+
+    def _cached(self, key: tuple[Any, ...], addrs: Sequence[int],
+                run: Callable[[Sequence[int]], list[list[StackFrame]]]
+                ) -> list[list[StackFrame]]:
+        """Answer repeated addresses from memory; ask blazesym only for new ones.
+
+        Tracing symbolizes the same hot addresses over and over; frames are
+        immutable, so a result can be handed out again. A process's entries
+        are dropped when its memory map changes (see :meth:`cache_process`).
+        """
+        if self._auto_reload and key[0] != "p":
+            return _dedup(addrs, run)  # the caller wants files rebuilt in place noticed
+        with self._lock:
+            known = self._results.get(key)
+            if known is None:
+                if self._result_count > self.CACHE_LIMIT:
+                    self._results.clear()
+                    self._result_count = 0
+                known = self._results[key] = {}
+        missing = [a for a in dict.fromkeys(addrs) if a not in known]
+        if missing:
+            for a, frames in zip(missing, run(missing)):
+                known[a] = frames
+            with self._lock:
+                self._result_count += len(missing)
+        return [list(known[a]) for a in addrs]
+
+    def _forget_process(self, pid: int) -> None:
+        with self._lock:
+            for key in [k for k in self._results if k[0] == "p" and k[1] == pid]:
+                del self._results[key]
 
     def _live(self) -> Any:
         if self._ptr is None:

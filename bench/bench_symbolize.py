@@ -6,7 +6,8 @@ compiled with -g at run time, so the numbers do not depend on what happens to
 be installed. The same random addresses inside those functions go to:
 
 * apptrace cold: a fresh Symbolizer (DWARF parsed during the call),
-* apptrace warm: the same Symbolizer again (what a long-running tracer sees),
+* apptrace warm: the same Symbolizer again (what a long-running tracer sees:
+  repeated addresses come from its result cache, new ones from blazesym),
 * apptrace warm, process: absolute addresses in a running copy of the binary,
 * the bare blazesym call, to show what the Python side costs,
 * binutils ``addr2line -f -i``: one process, addresses on stdin.
