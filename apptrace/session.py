@@ -372,13 +372,26 @@ class Session:
         self.target = ProcessRef.from_pid(self._child.pid)
 
     def _release(self) -> None:
-        if self._release_fd is not None:
+        if self._release_fd is None:
+            return
+        try:
+            os.write(self._release_fd, b"go\n")
+        except OSError:
+            pass
+        os.close(self._release_fd)
+        self._release_fd = None
+        # Return once the command has replaced the holding shell, so that
+        # /proc/PID describes the command (its maps, its exe) from now on.
+        assert self._child is not None and self.command is not None
+        want = os.path.realpath(resolve_binary(self.command[0]))
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and self._child.poll() is None:
             try:
-                os.write(self._release_fd, b"go\n")
+                if os.path.realpath(f"/proc/{self._child.pid}/exe") == want:
+                    break
             except OSError:
-                pass
-            os.close(self._release_fd)
-            self._release_fd = None
+                break
+            time.sleep(0.0005)
 
     def start(self) -> None:
         """Resolve every probe, compile once, attach, then release a held command."""

@@ -167,6 +167,12 @@ class StackTracker:
                 for _ in events[i].raw_stack[1:]:  # type: ignore[index]
                     frames.extend(ret_f[k])
                     k += 1
+                if frames and frames[0].symbol is None and anchors:
+                    # The probe's own address unknown: the snapshot predates this
+                    # program (or is gone). Fall back to the probe's binary.
+                    out[i] = replace(events[i], stack=self._anchored(
+                        events[i].raw_stack or (), anchors[i]))
+                    continue
                 out[i] = replace(events[i], stack=tuple(frames))
         return out
 
