@@ -42,10 +42,20 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from apptrace.errors import (ApptraceError, AttachError, BccUnavailableError, ElfError,
-                                 NoProbesError, ProbeNotFoundError, ProbeSpecError,
-                                 ProcessGoneError, ProcessNotFoundError,
-                                 SemaphoreConflictError, SymbolizerError, TracePermissionError)
+    from apptrace.errors import (
+        ApptraceError,
+        AttachError,
+        BccUnavailableError,
+        ElfError,
+        NoProbesError,
+        ProbeNotFoundError,
+        ProbeSpecError,
+        ProcessGoneError,
+        ProcessNotFoundError,
+        SemaphoreConflictError,
+        SymbolizerError,
+        TracePermissionError,
+    )
     from apptrace.events import Event, ProbeInfo, Stats, Unavailable
     from apptrace.probes import ProbeSpec, parse_probe
     from apptrace.session import ProbeHandle, Session

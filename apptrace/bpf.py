@@ -18,8 +18,13 @@ import struct
 from typing import Any, Optional, Sequence
 
 from apptrace.capabilities import BPF_LINK_CREATE, BPF_TRACE_UPROBE_MULTI, bpf
-from apptrace.errors import ApptraceError, AttachError, BccUnavailableError, \
-    SemaphoreConflictError, TracePermissionError
+from apptrace.errors import (
+    ApptraceError,
+    AttachError,
+    BccUnavailableError,
+    SemaphoreConflictError,
+    TracePermissionError,
+)
 
 __all__ = ["import_bcc", "Program", "self_test", "attach_uprobe_perf", "attach_uprobe_multi"]
 

@@ -20,7 +20,6 @@ import struct
 from dataclasses import dataclass, field
 from typing import Optional
 
-from apptrace.probes import ArgType
 from apptrace.usdt.args import Argument
 
 __all__ = ["ArgRead", "GroupPlan", "HEADER", "render", "header_c"]
@@ -187,7 +186,7 @@ def render(plans: list[GroupPlan]) -> str:
         if g.fold:
             out.append(_render_fold(g))
             continue
-        fields = [f"    struct apptrace_hdr h;", f"    u64 a[{max(g.nargs, 1)}];"]
+        fields = ["    struct apptrace_hdr h;", f"    u64 a[{max(g.nargs, 1)}];"]
         if g.nstr:
             fields.append(f"    char s[{g.nstr}][{g.str_max}];")
         if g.stack_depth:
@@ -204,8 +203,8 @@ def render(plans: list[GroupPlan]) -> str:
                           for rid in range(len(g.readers)))
         stack = ""
         if g.stack_depth:
-            stack = (f"    e->h.nstack = bpf_get_stack(ctx, e->stack, sizeof(e->stack),"
-                     f" BPF_F_USER_STACK);\n")
+            stack = ("    e->h.nstack = bpf_get_stack(ctx, e->stack, sizeof(e->stack),"
+                     " BPF_F_USER_STACK);\n")
         out.append(f"""static __always_inline int {n}_body(struct pt_regs *ctx, u64 ck) {{
     u32 probe = ck >> 32;
     struct {n}_ev *e = {n}_rb.ringbuf_reserve(sizeof(struct {n}_ev));

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Optional
 if TYPE_CHECKING:
     from apptrace.symbolize import StackFrame
 
-__all__ = ["Unavailable", "Event", "ProbeInfo", "Stats"]
+__all__ = ["Unavailable", "Event", "ProbeInfo", "RawBatch", "Stats"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,20 @@ class Event:
                 parts.append(str(a))
         return (f"{self.ts_ns / 1e9:.6f} {self.comm}[{self.pid}/{self.tid}]"
                 f" {self.probe.label} " + " ".join(parts)).rstrip()
+
+
+@dataclass(frozen=True)
+class RawBatch:
+    """Records of one probe string as ``struct`` decoded them: no per-event objects.
+
+    Each record is ``(ts_ns, pid, tid, probe_index, site, flags, nstack, comm,
+    arg0..argN-1[, strings][, stack...])``; ``probes[probe_index]`` says which
+    probe fired. Arguments are raw 64-bit values (sign-extended by the spec).
+    """
+
+    probes: tuple[ProbeInfo, ...]
+    nargs: int
+    records: list[tuple[Any, ...]]
 
 
 @dataclass

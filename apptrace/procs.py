@@ -14,8 +14,12 @@ import subprocess
 from dataclasses import dataclass
 from typing import Optional
 
-from apptrace.errors import ProbeNotFoundError, ProcessGoneError, ProcessNotFoundError, \
-    TracePermissionError
+from apptrace.errors import (
+    ProbeNotFoundError,
+    ProcessGoneError,
+    ProcessNotFoundError,
+    TracePermissionError,
+)
 
 __all__ = ["ProcessRef", "Mapping", "read_maps", "resolve_binary", "mapped_objects"]
 

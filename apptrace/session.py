@@ -12,7 +12,6 @@ Lifecycle: ``Session(...)`` → ``add()``/``usdt()``/``uprobe()``/``uretprobe()`
 from __future__ import annotations
 
 import atexit
-import errno as _errno
 import fnmatch
 import os
 import select
@@ -27,9 +26,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from apptrace import capabilities
 from apptrace.codegen import FLAG_ARG_FAILED, HEADER, ArgRead, GroupPlan, render
-from apptrace.errors import ApptraceError, NoProbesError, ProbeNotFoundError, \
-    ProcessGoneError, ElfError
-from apptrace.events import Event, ProbeInfo, Stats, Unavailable
+from apptrace.errors import ApptraceError, ElfError, NoProbesError, ProbeNotFoundError
+from apptrace.events import Event, ProbeInfo, RawBatch, Stats, Unavailable
 from apptrace.probes import ArgType, ProbeSpec, parse_probe
 from apptrace.procs import ProcessRef, mapped_objects, resolve_binary
 from apptrace.semaphores import ProcMemSemaphores
@@ -44,6 +42,7 @@ _DEFAULT_RET_TYPE = ArgType("long", "int", 8, True)
 _F32 = struct.Struct("<f")
 _F64 = struct.Struct("<d")
 _U64 = struct.Struct("<Q")
+_HEADER_FIELDS = len(HEADER.unpack(bytes(HEADER.size)))
 
 
 @dataclass
@@ -502,13 +501,16 @@ class Session:
             return self.target.alive()
         return True
 
-    def poll_raw(self, timeout: Optional[float] = None) -> list[tuple[_Group, list[tuple[Any, ...]]]]:
-        """Wait up to ``timeout`` seconds for data; return decoded records per group.
+    def poll_raw(self, timeout: Optional[float] = None) -> list[RawBatch]:
+        """Wait up to ``timeout`` seconds for data; return records in batches.
 
-        This is the batch interface: tuples straight from ``struct``, no
-        per-event objects. Records are ``(header fields..., args..., [strings],
-        [stack...])`` in the group's layout.
+        The throughput interface: tuples straight from ``struct``, one
+        :class:`RawBatch` per probe string, no per-event Python objects.
         """
+        return [RawBatch(tuple(p.info for p in g.probes), g.nargs, recs)
+                for g, recs in self._poll_groups(timeout)]
+
+    def _poll_groups(self, timeout: Optional[float]) -> list[tuple[_Group, list[tuple[Any, ...]]]]:
         self.start()
         assert self._epoll is not None
         if self._symbolizer is not None and self.target is not None and self.target_alive():
@@ -532,7 +534,7 @@ class Session:
     def poll(self, timeout: Optional[float] = None) -> list[Event]:
         """Wait up to ``timeout`` seconds; return the events that arrived, decoded."""
         events: list[Event] = []
-        batches = self.poll_raw(timeout)
+        batches = self._poll_groups(timeout)
         for g, recs in batches:
             events.extend(self._decode(g, recs))
         if len(batches) > 1:
@@ -568,8 +570,7 @@ class Session:
     def _decode(self, g: _Group, recs: list[tuple[Any, ...]]) -> list[Event]:
         plan = g.plan
         assert plan is not None
-        nh = len(HEADER.format) - 2 - 1  # fields in the header tuple
-        nh = 8
+        nh = _HEADER_FIELDS
         nargs = plan.nargs
         has_str = plan.nstr > 0
         out = []
@@ -783,6 +784,3 @@ class Session:
             return None
         return self.exit_status
 
-
-def _unused() -> None:  # keep linters quiet about names used only in annotations
-    _ = (_errno, ProcessGoneError)
