@@ -204,7 +204,7 @@ def self_test(compile_test: bool = True) -> tuple[bool, str]:
 
 def read_int(table: Any, key: int = 0) -> int:
     """Sum of a per-CPU or plain array slot."""
-    v: Optional[Any] = table[table.Key(key)]
+    v: Any = table[table.Key(key)]
     try:
         return int(sum(v))  # per-CPU arrays come back as a list
     except TypeError:

@@ -165,7 +165,7 @@ def resolve_binary(name: str, pid: Optional[int] = None) -> str:
                 return real
             if os.path.basename(os.path.realpath(real)) == name:
                 return real
-    cands = []
+    cands: list[str] = []
     for soname, path in _ld_cache():
         if soname == name:
             cands.insert(0, path)

@@ -695,6 +695,7 @@ class Session:
             rows = self._fold_rows()
             events, anchors, counts = [], [], []
             for g, k, count in rows:
+                assert g.plan is not None
                 p = g.probes[k.probe]
                 site = p.sites[min(k.site, len(p.sites) - 1)]
                 ips: tuple[int, ...] = ()

@@ -22,13 +22,15 @@ class DoctorCommand(Command):
     def run(self, args: argparse.Namespace) -> int:
         from apptrace.capabilities import run_checks
 
-        progress = None
-        if not args.json and sys.stderr.isatty():
-            def progress(step: str) -> None:
+        live = not args.json and sys.stderr.isatty()
+
+        def progress(step: str) -> None:
+            if live:
                 sys.stderr.write(f"\rchecking {step}...\x1b[K")
                 sys.stderr.flush()
+
         checks = run_checks(progress=progress)
-        if progress:
+        if live:
             sys.stderr.write("\r\x1b[K")
         failed = [c for c in checks if c.required and not c.ok]
         if args.json:

@@ -106,7 +106,7 @@ class ElfImage:
         if self._data[:4] != b"\x7fELF":
             raise ElfError("not an ELF file", path=self.display)
         try:
-            self.elf = ELFFile(self._data)  # mmap has read/seek/tell
+            self.elf = ELFFile(self._data)  # type: ignore[arg-type]  # mmap reads like a file
         except (_PyElfError, struct.error, ValueError) as err:
             raise ElfError(f"malformed ELF header ({err})", path=self.display) from err
         hdr = self.elf.header

@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -174,7 +174,6 @@ def test_library_resolved_in_the_target_process(spawn: Any) -> None:
             os.getpid()
         child.send(f"{n}\n")
         assert child.readline() == "done"
-        child.proc.stdin.close()  # type: ignore[union-attr]
         events = list(s.events(timeout=20))
         stats = s.stats()
     assert child.proc.wait(10) == 0
@@ -184,8 +183,27 @@ def test_library_resolved_in_the_target_process(spawn: Any) -> None:
     assert all(ev.probe.label == "uprobe:getpid" for ev in events)
 
 
+@pytest.fixture
+def fd3_in_use() -> Iterator[None]:
+    """Like most real host processes, keep fd 3 busy (pytest usually does already)."""
+    try:
+        os.fstat(3)
+        yield
+        return
+    except OSError:
+        pass
+    fd = os.open(os.devnull, os.O_RDONLY)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.xfail(strict=True, reason="Session._spawn passes the hold pipe at its own fd"
+                   " number but the shell reads fd 3, so the command is not held: it runs"
+                   " before the probes are attached")
 @pytest.mark.parametrize("build", ["pie", "nopie"])
-def test_spawned_command_sees_first_statement_of_main(fixtures_dir: Path,
+def test_spawned_command_sees_first_statement_of_main(fixtures_dir: Path, fd3_in_use: None,
                                                       build: str) -> None:
     b = fixtures_dir / f"usdt_early_{build}"
     t0 = time.monotonic()
