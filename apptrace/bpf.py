@@ -15,7 +15,7 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 from apptrace.capabilities import BPF_LINK_CREATE, BPF_TRACE_UPROBE_MULTI, bpf
 from apptrace.errors import (
