@@ -59,7 +59,9 @@ class Program:
         try:
             self.bpf = bcc.BPF(text=text.encode(), cflags=list(cflags))
         except Exception as err:  # bcc raises bare Exception; stderr has clang's text
-            if os.geteuid() != 0:
+            from apptrace.capabilities import has_trace_privileges
+
+            if not has_trace_privileges():
                 raise TracePermissionError(f"cannot load BPF programs ({err})") from err
             raise BccUnavailableError(
                 f"bcc failed to compile the generated program ({err})",

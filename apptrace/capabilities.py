@@ -84,6 +84,16 @@ def is_root() -> bool:
     return os.geteuid() == 0
 
 
+def has_trace_privileges() -> bool:
+    """CAP_SYS_ADMIN, or CAP_BPF with CAP_PERFMON: what loading and attaching need.
+
+    Checked on the effective capability set, not the uid: root with its
+    capabilities dropped (a container, ``setpriv``) cannot trace.
+    """
+    caps = _cap_eff()
+    return bool(caps >> 21 & 1 or (caps >> 39 & 1 and caps >> 38 & 1))
+
+
 def _cap_eff() -> int:
     try:
         with open("/proc/self/status") as f:
@@ -192,10 +202,9 @@ def run_checks(*, progress: Optional[Callable[[str], None]] = None) -> list[Chec
 
     step("privileges")
     caps = _cap_eff()
-    cap_ok = is_root() or (caps >> 39 & 1 and caps >> 38 & 1)
-    checks.append(Check("privileges", bool(cap_ok),
-                        "root" if is_root() else f"euid {os.geteuid()}, CapEff {caps:#x}",
-                        "run as root, or grant CAP_BPF and CAP_PERFMON"))
+    checks.append(Check("privileges", has_trace_privileges(),
+                        f"euid {os.geteuid()}, effective capabilities {caps:#x}",
+                        "run as root with its capabilities, or grant CAP_BPF and CAP_PERFMON"))
     checks.append(Check("kernel", True, f"{platform.system()} {platform.release()}",
                         required=False))
     step("bpf")
