@@ -18,6 +18,7 @@ import select
 import shlex
 import struct
 import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -262,9 +263,10 @@ class Session:
                 self._add_uprobes(g, spec, path, shown)
         if not g.probes:
             where = ", ".join(shown for _, shown in candidates[:3])
-            what = f"{spec.provider}:{spec.name}" if spec.kind == "usdt" else spec.name
+            what = (f"USDT probe matches {spec.provider}:{spec.name}" if spec.kind == "usdt"
+                    else f"function matches {spec.name}")
             raise ProbeNotFoundError(
-                f"{spec.text}: no {spec.kind} probe matches {what} in {where}", probe=spec.text,
+                f"{spec.text}: no {what} in {where}", probe=spec.text,
                 hint="list them with `apptrace usdt list " + (candidates[0][1] if candidates
                                                                else "BINARY") + "`"
                 if spec.kind == "usdt" else "check the symbol name (nm -D)")
@@ -354,13 +356,18 @@ class Session:
     # -- starting -------------------------------------------------------------
 
     def _spawn(self) -> None:
-        """Start the command held before exec: a shell waits on a pipe, then execs
-        it in place (same PID), so probes attached to the PID see ``main``."""
+        """Start the command held before exec: a tiny Python waits on a pipe, then
+        execs the command in place (same PID), so probes attached to the PID
+        see ``main``."""
         assert self.command is not None
         r, w = os.pipe()
-        script = 'read -r _ <&3; exec 3<&-; exec "$@"'
+        hold = ("import os, sys\n"
+                "fd = int(sys.argv[1])\n"
+                "if os.read(fd, 1) != b'g': sys.exit(125)\n"
+                "os.close(fd)\n"
+                "os.execvp(sys.argv[2], sys.argv[2:])\n")
         try:
-            self._child = subprocess.Popen(["/bin/sh", "-c", script, "apptrace-hold",
+            self._child = subprocess.Popen([sys.executable, "-S", "-c", hold, str(r),
                                             *self.command], pass_fds=(r,))
         except OSError as err:
             os.close(r)
@@ -405,6 +412,11 @@ class Session:
         _live.add(self)
         try:
             if self.command is not None:
+                try:
+                    resolve_binary(self.command[0])
+                except ProbeNotFoundError as err:
+                    raise ApptraceError(f"cannot run {self.command[0]!r}: command not found"
+                                        ) from err
                 # Resolve against the command's binary before it runs.
                 for i, h in enumerate(self._handles):
                     g = _Group(i, h)
