@@ -12,10 +12,12 @@ bcc compiles and loads our generated C. Attaching goes around bcc's Python:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import struct
-from typing import Any, Sequence
+import tempfile
+from typing import Any, Iterator, Sequence
 
 from apptrace.capabilities import BPF_LINK_CREATE, BPF_TRACE_UPROBE_MULTI, bpf
 from apptrace.errors import (
@@ -57,8 +59,12 @@ class Program:
     def __init__(self, text: str, cflags: Sequence[str] = ()) -> None:
         bcc = import_bcc()
         try:
-            self.bpf = bcc.BPF(text=text.encode(), cflags=list(cflags))
-        except Exception as err:  # bcc raises bare Exception; stderr has clang's text
+            with _captured_stderr() as noise:
+                self.bpf = bcc.BPF(text=text.encode(), cflags=list(cflags))
+        except Exception as err:  # bcc raises bare Exception; clang's text went to fd 2
+            detail = noise.text().strip().splitlines()[-3:]
+            if detail:
+                err = type(err)(f"{err}: " + " | ".join(detail))
             from apptrace.capabilities import has_trace_privileges
 
             if not has_trace_privileges():
@@ -117,6 +123,30 @@ class Program:
                 self.bpf = None
 
 
+class _Noise:
+    def __init__(self) -> None:
+        self.data = b""
+
+    def text(self) -> str:
+        return self.data.decode("utf-8", "replace")
+
+
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[_Noise]:
+    """Hold what bcc and clang write to fd 2 (the library must not print)."""
+    noise = _Noise()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield noise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            noise.data = tmp.read()
+
+
 def _attach_error(errno: int, probe: str, path: str, offset: int, ref: int) -> AttachError:
     import errno as E
 
@@ -150,7 +180,9 @@ def attach_uprobe_perf(prog_fd: int, path: str, offset: int, pid: int, ref_ctr_o
     fd = lib.bpf_attach_uprobe(prog_fd, 1 if retprobe else 0, evname, path.encode(), offset,
                                pid, ref_ctr_offset)
     if fd < 0:
-        raise _attach_error(ctypes.get_errno() or 22, probe, path, offset, ref_ctr_offset)
+        err = ctypes.get_errno() or 22
+        lib.bpf_detach_uprobe(evname)  # bcc may have left a tracefs entry from its fallback
+        raise _attach_error(err, probe, path, offset, ref_ctr_offset)
     return fd, evname
 
 
@@ -186,18 +218,15 @@ def self_test(compile_test: bool = True) -> tuple[bool, str]:
     where = os.path.dirname(bcc.__file__)
     if not compile_test:
         return True, f"importable from {where}"
-    import contextlib
-    import io
-
     text = ("#include <uapi/linux/ptrace.h>\n"
             "BPF_RINGBUF_OUTPUT(apptrace_selftest, 1);\n"
             "int apptrace_selftest_fn(struct pt_regs *ctx) { u64 v = ctx->ip;"
             " apptrace_selftest.ringbuf_output(&v, sizeof(v), 0); return 0; }\n")
-    err_text = io.StringIO()
     try:
-        with contextlib.redirect_stderr(err_text):
-            p = Program(text)
+        p = Program(text)
+        try:
             p.load("apptrace_selftest_fn")
+        finally:
             p.close()
     except ApptraceError as err:
         return False, f"{err}"

@@ -111,7 +111,11 @@ def _read_one(i: int, r: ArgRead, site_vaddr: int) -> str:
             addr = f"ctx->{a.base}" if a.base else "0"
             if a.index:
                 addr += f" + ctx->{a.index} * {a.scale}"
-            addr += f" + ({a.displacement}LL)"
+            if a.symbol is not None:
+                # symbol + displacement, relocated through the probe IP like below
+                addr += f" + ctx->ip + ({(a.address or 0) - site_vaddr}LL)"
+            else:
+                addr += f" + ({a.displacement}LL)"
         else:
             # The global and the probe share a module: address = IP + delta.
             delta = (a.address or 0) - site_vaddr

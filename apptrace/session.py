@@ -274,7 +274,7 @@ class Session:
 
     def _reader(self, g: _Group, reads: tuple[ArgRead, ...], vaddr: int) -> int:
         """Dedup readers by the C they produce (rip-relative deltas differ per site)."""
-        key_vaddr = vaddr if any(r.usdt is not None and r.usdt.kind == "rip_relative"
+        key_vaddr = vaddr if any(r.usdt is not None and r.usdt.symbol is not None
                                  for r in reads) else 0
         key = repr((reads, key_vaddr))
         rid = g.readers.get(key)
@@ -407,6 +407,10 @@ class Session:
             return
         if not self._handles:
             raise ApptraceError("no probes added")
+        from apptrace.errors import TracePermissionError
+
+        if not capabilities.has_trace_privileges():
+            raise TracePermissionError("tracing needs root or CAP_BPF+CAP_PERFMON")
         t0 = time.monotonic()
         self._state = "starting"
         _live.add(self)
@@ -784,6 +788,10 @@ class Session:
         if self._symbolizer is not None:
             self._symbolizer.close()
             self._symbolizer = None
+        for img in self._images.values():
+            img.close()
+        self._images.clear()
+        self._probes_cache.clear()
         if errors:
             raise errors[0]
 

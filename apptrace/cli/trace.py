@@ -119,7 +119,8 @@ class TraceCommand(Command):
                 else:
                     sys.stdout.flush()
         if not args.quiet:
-            _summary(stats, sys.stderr, session.exit_status)
+            _summary(stats, sys.stderr, session.exit_status,
+                     printed=n if args.count is not None else None)
         return 0
 
 
@@ -137,8 +138,11 @@ def _emit(ev: Event, out: TextIO, as_json: bool) -> None:
             out.write(f"    {name}{inl}{where} ({f.module or '?'}){why}\n")
 
 
-def _summary(st: Stats, err: TextIO, status: Optional[int]) -> None:
+def _summary(st: Stats, err: TextIO, status: Optional[int],
+             printed: Optional[int] = None) -> None:
     parts = [f"{st.events} events", f"{st.lost} lost"]
+    if printed is not None and printed != st.events:
+        parts.insert(0, f"{printed} printed (-n)")
     if st.lost:
         parts[-1] += " (ring buffer full: raise the ring size or trace fewer probes)"
     if st.truncated_strings:

@@ -72,7 +72,8 @@ class Argument:
 
     ``kind`` says how to fetch it: ``constant`` (``value``), ``register``
     (``register`` = pt_regs field, ``shift``), ``memory`` (``base`` +
-    ``index`` * ``scale`` + ``displacement``), ``rip_relative`` (a global at
+    ``index`` * ``scale`` + ``displacement``, plus ``symbol``'s address when the
+    operand names one), ``rip_relative`` (a global at
     ``symbol`` + ``displacement``, resolved to ``address``), or
     ``unavailable`` with ``reason``.
     """
@@ -114,6 +115,8 @@ class Argument:
         elif self.kind == "memory":
             out.update(base=self.base, index=self.index, scale=self.scale,
                        displacement=self.displacement)
+            if self.symbol is not None:
+                out.update(symbol=self.symbol, address=self.address)
         elif self.kind == "rip_relative":
             out.update(symbol=self.symbol, displacement=self.displacement,
                        address=self.address)
@@ -131,7 +134,7 @@ class Argument:
         if self.kind == "register":
             return f"{t} {self.register}" + (f">>{self.shift}" if self.shift else "")
         if self.kind == "memory":
-            addr = self.base or ""
+            addr = (f"&{self.symbol}+" if self.symbol else "") + (self.base or "")
             if self.index:
                 addr += f"+{self.index}*{self.scale}"
             if self.displacement:
@@ -314,13 +317,12 @@ def _parse_argument(token: str) -> Argument:
                                     "rip-relative operand without a symbol")
             return Argument(spec, size, signed, is_float, "rip_relative",
                             symbol=symbol, displacement=disp)
-        if symbol is not None:
-            return _unavailable(spec, size, signed, is_float,
-                                f"symbol {symbol!r} used with a register base")
         if base is None and index is None:
             return _unavailable(spec, size, signed, is_float, "absolute address")
+        # With a symbol (non-PIC array indexing, `-4@arr(,%r9,4)`), the symbol's
+        # address joins the sum; it is resolved like a rip-relative one.
         return Argument(spec, size, signed, is_float, "memory", base=base, index=index,
-                        scale=scale, displacement=disp)
+                        scale=scale, displacement=disp, symbol=symbol)
 
     # A bare symbol (non-PIC i386-style `4@sym+4`): the same IP-delta read.
     disp, symbol, err = _parse_terms(operand)
@@ -353,7 +355,7 @@ def parse_arguments(text: str, resolve: Optional[SymbolResolver] = None) -> list
         return args
     out = []
     for a in args:
-        if a.kind == "rip_relative" and a.symbol is not None:
+        if a.kind in ("rip_relative", "memory") and a.symbol is not None:
             vaddr, why = resolve(a.symbol)
             if vaddr is None:
                 a = _unavailable(a.spec, a.size, a.signed, a.is_float,

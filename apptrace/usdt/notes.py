@@ -132,6 +132,18 @@ class ElfImage:
             raise ElfError(f"malformed program headers ({err})", path=self.display) from err
         self._symbols: Optional[dict[str, list[int]]] = None
 
+    def close(self) -> None:
+        """Unmap the file now rather than whenever the garbage collector runs."""
+        data, self._data = self._data, b""
+        if isinstance(data, mmap.mmap):
+            data.close()
+
+    def __enter__(self) -> ElfImage:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     # -- addresses ---------------------------------------------------------
 
     def vaddr_to_offset(self, vaddr: int, *, executable: bool) -> Optional[int]:
@@ -363,5 +375,5 @@ def read_probes(path: str | os.PathLike[str], *, display: Optional[str] = None) 
     :class:`NoProbesError` when it has no ``.note.stapsdt`` section.
     """
     p = os.fspath(path)
-    image = ElfImage(p, display)
-    return group_sites(display or p, image.sites())
+    with ElfImage(p, display) as image:
+        return group_sites(display or p, image.sites())

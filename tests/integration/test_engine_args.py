@@ -29,22 +29,22 @@ pytestmark = pytest.mark.bpf
 ARGS_COUNT = 2600
 INLINE_COUNT = 5000
 
-I = int
-F = float.fromhex
-S = str
+INT = int
+FLT = float.fromhex
+STR = str
 
 # Printed column converters per probe, in argument order (fixtures/c/README.md).
 ARGS_COLUMNS: dict[str, list[Callable[[str], Any]]] = {
-    "widths": [I] * 8,
-    "stack": [I] * 8,
-    "consts": [I] * 8,
-    "globals": [I] * 6,
-    "deref": [I] * 4,
-    "floats": [F] * 4,
-    "strs": [S, S],
-    "sib": [I] * 4,
-    "many12": [I] * 10 + [S, I],
-    "xmm_arg": [F],
+    "widths": [INT] * 8,
+    "stack": [INT] * 8,
+    "consts": [INT] * 8,
+    "globals": [INT] * 6,
+    "deref": [INT] * 4,
+    "floats": [FLT] * 4,
+    "strs": [STR, STR],
+    "sib": [INT] * 4,
+    "many12": [INT] * 10 + [STR, INT],
+    "xmm_arg": [FLT],
 }
 
 # Probe strings: untyped where the note's own size/sign says everything,
@@ -180,16 +180,10 @@ def test_usdt_args_every_shape_matches_printed(fixtures_dir: Path, spawn: Any,
     assert checked == (sum(map(len, ARGS_COLUMNS.values())) - len(known_bad)) * ARGS_COUNT
 
 
-# Argument cells a known apptrace bug gets wrong; each is asserted by its own
-# strict-xfail test below, and must be dropped from here once that is fixed.
-KNOWN_BAD: dict[str, set[tuple[str, int]]] = {
-    # -4@fx_garr32(,%r9,4) -2@fx_garr16(%r9,%r9) -8@fx_garr64(,%r9,8)
-    "usdt_args_o2_nopie": {("sib", 0), ("sib", 1), ("sib", 2)},
-}
+# Argument cells to leave out of the comparison (none: every cell must match).
+KNOWN_BAD: dict[str, set[tuple[str, int]]] = {}
 
 
-@pytest.mark.xfail(strict=True, reason="apptrace.usdt.args rejects SYM(%base,%idx,scale)"
-                   " operands (non-PIE -O2 sib probe) as 'symbol used with a register base'")
 def test_o2_nopie_symbol_indexed_operands(fixtures_dir: Path, spawn: Any) -> None:
     """`SYM(,%r9,4)` / `SYM(%r9,%r9)`: a global array indexed by a register (non-PIE)."""
     events, stats, printed, _ = _trace_run(spawn, fixtures_dir / "usdt_args_o2_nopie", 40,
@@ -223,7 +217,7 @@ def test_usdt_inline_every_site(fixtures_dir: Path, spawn: Any, name: str) -> No
     assert stats.per_probe == {"usdt:apptrace_fx:inl": 4 * INLINE_COUNT}
     assert len(events) == len(rows)
 
-    mismatches = []
+    mismatches: list[str] = []
     for n, (ev, row) in enumerate(zip(events, rows)):
         if ev.args != (int(row[0]), int(row[1])) and len(mismatches) < 20:
             mismatches.append(f"event {n} (site {ev.site}): got {ev.args}, printed {row}")

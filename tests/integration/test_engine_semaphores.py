@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +30,14 @@ pytestmark = pytest.mark.bpf
 
 ROOT = Path(__file__).resolve().parents[2]
 SEMA_PROBES = ("sema_ping", "sema_pong")
+
+
+def _private_copy(src: Path, dst_dir: Path) -> Path:
+    """A copy with its own inode: uprobes are per inode, so this keeps other
+    tracers of the shared fixture (and our system-wide sessions) apart."""
+    dst = dst_dir / src.name
+    shutil.copy2(src, dst)
+    return dst
 
 
 def _sema_offsets(binary: Path) -> dict[str, int]:
@@ -98,9 +107,9 @@ ON = {"sema_ping": 1, "sema_pong": 1}
 
 @pytest.mark.parametrize("build", ["pie", "nopie"])
 @pytest.mark.parametrize("mode", ["kernel", "procmem"])
-def test_semaphores_on_while_attached_only(fixtures_dir: Path, spawn: Any, mode: str,
-                                           build: str) -> None:
-    sc = SemaChild(spawn, fixtures_dir / f"usdt_sema_{build}")
+def test_semaphores_on_while_attached_only(fixtures_dir: Path, spawn: Any, tmp_path: Path,
+                                           mode: str, build: str) -> None:
+    sc = SemaChild(spawn, _private_copy(fixtures_dir / f"usdt_sema_{build}", tmp_path))
     assert sc.counters() == OFF
     enabled, fired, _ = sc.ask()
     assert enabled == OFF and fired == {}
@@ -130,9 +139,9 @@ def test_semaphores_on_while_attached_only(fixtures_dir: Path, spawn: Any, mode:
     assert got == {p: [_expected(n)[p] for _, _, n in rounds] for p in SEMA_PROBES}
 
 
-def test_kernel_mode_covers_process_started_after_attach(fixtures_dir: Path,
-                                                        spawn: Any) -> None:
-    binary = fixtures_dir / "usdt_sema_pie"
+def test_kernel_mode_covers_process_started_after_attach(fixtures_dir: Path, spawn: Any,
+                                                        tmp_path: Path) -> None:
+    binary = _private_copy(fixtures_dir / "usdt_sema_pie", tmp_path)
     with Session(path=str(binary), semaphores="kernel") as s:
         _add_sema_probes(s)
         s.start()
@@ -158,13 +167,15 @@ def test_kernel_mode_covers_process_started_after_attach(fixtures_dir: Path,
 
 @pytest.mark.parametrize("build", ["pie", "nopie"])
 def test_kernel_mode_library_dlopened_after_attach(fixtures_dir: Path, spawn: Any,
-                                                   build: str) -> None:
-    lib = (fixtures_dir / "libfxprobes.so").resolve()
+                                                   tmp_path: Path, build: str) -> None:
+    # usdt_dlopen loads libfxprobes.so from its own directory: copy both.
+    exe = _private_copy(fixtures_dir / f"usdt_dlopen_{build}", tmp_path)
+    lib = _private_copy(fixtures_dir / "libfxprobes.so", tmp_path).resolve()
     [lib_sema] = [p.sites[0].semaphore_offset for p in read_probes(lib)
                   if p.name == "lib_probe"]
     assert lib_sema
     count = 5
-    child = spawn([fixtures_dir / f"usdt_dlopen_{build}", count, "wait", "hold"])
+    child = spawn([exe, count, "wait", "hold"])
     assert "libfxprobes" not in Path(f"/proc/{child.pid}/maps").read_text()
     with Session(pid=child.pid, semaphores="kernel") as s:
         s.add(f"usdt:{lib}:apptrace_fx:lib_probe")
@@ -213,8 +224,9 @@ def _readline(proc: subprocess.Popen[str], timeout: float) -> Optional[str]:
     return proc.stdout.readline().strip() if r else None
 
 
-def test_sigkill_of_tracer_drops_kernel_semaphores(fixtures_dir: Path, spawn: Any) -> None:
-    sc = SemaChild(spawn, fixtures_dir / "usdt_sema_pie")
+def test_sigkill_of_tracer_drops_kernel_semaphores(fixtures_dir: Path, spawn: Any,
+                                                   tmp_path: Path) -> None:
+    sc = SemaChild(spawn, _private_copy(fixtures_dir / "usdt_sema_pie", tmp_path))
     tracer = subprocess.Popen([sys.executable, "-c", TRACER, str(sc.pid)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               cwd=ROOT)

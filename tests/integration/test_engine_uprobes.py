@@ -199,9 +199,6 @@ def fd3_in_use() -> Iterator[None]:
         os.close(fd)
 
 
-@pytest.mark.xfail(strict=True, reason="Session._spawn passes the hold pipe at its own fd"
-                   " number but the shell reads fd 3, so the command is not held: it runs"
-                   " before the probes are attached")
 @pytest.mark.parametrize("build", ["pie", "nopie"])
 def test_spawned_command_sees_first_statement_of_main(fixtures_dir: Path, fd3_in_use: None,
                                                       build: str) -> None:

@@ -178,7 +178,6 @@ def test_memory(token: str, size: int, signed: bool, base: str, index: Optional[
     ("8@(%eax)", "base"),
     ("8@(%ah)", "base"),
     ("8@(%xmm0)", "pt_regs"),
-    ("8@sym(%rbx)", "symbol"),
     ("8@(%rax,%rbx,2,4)", "address"),
     ("8@-8(%rbp)x", "parse"),
 ])
@@ -485,3 +484,18 @@ def test_immediate_is_value_modulo_size(v: int, size: int, signed: bool) -> None
     bits = size * 8
     assert a.kind == "constant" and a.value is not None
     assert a.value % (1 << bits) == v % (1 << bits)
+
+
+@pytest.mark.parametrize("token, base, index, scale", [
+    ("-4@fx_garr32(,%r9,4)", None, "r9", 4),     # GCC, non-PIC array element
+    ("-2@fx_garr16(%r9,%r9)", "r9", "r9", 1),
+    ("8@sym+16(%rbx)", "bx", None, 1),
+])
+def test_symbol_plus_registers_is_memory_resolved_like_rip_relative(
+        token: str, base: Optional[str], index: Optional[str], scale: int) -> None:
+    (a,) = parse_arguments(token, lambda name: (0x4000, None))
+    assert (a.kind, a.base, a.index, a.scale) == ("memory", base, index, scale)
+    assert a.symbol is not None and a.address == 0x4000 + a.displacement
+    assert a.to_json()["symbol"] == a.symbol and a.to_json()["address"] == a.address
+    (b,) = parse_arguments(token, lambda name: (None, "not here"))
+    assert b.kind == "unavailable" and b.reason == "not here"
