@@ -182,9 +182,19 @@ static __always_inline int {n}_body(struct pt_regs *ctx, u64 ck) {{
 {_entries(g)}"""
 
 
-def render(plans: list[GroupPlan]) -> str:
+# Stops a spawned command at its ELF entry point (the loader has mapped every
+# DT_NEEDED library by then) so its memory map can be snapshotted.
+HOLD_AT_ENTRY = """int apptrace_hold_at_entry(struct pt_regs *ctx) {
+    bpf_send_signal(19 /* SIGSTOP */);
+    return 0;
+}"""
+
+
+def render(plans: list[GroupPlan], *, hold_at_entry: bool = False) -> str:
     """The whole C source for a session."""
     out = [header_c()]
+    if hold_at_entry:
+        out.append(HOLD_AT_ENTRY)
     for g in plans:
         n = g.name
         if g.fold:

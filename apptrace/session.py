@@ -164,6 +164,7 @@ class Session:
         self.attach_seconds = 0.0
         self.exit_status: Optional[int] = None
         self._ring_events: dict[int, int] = {}
+        self._hold_armed = False
         self._folded_final: dict[str, int] = {}
 
     # -- building -----------------------------------------------------------
@@ -399,6 +400,46 @@ class Session:
                 break
             time.sleep(0.0005)
 
+    def _attach_entry_hold(self, prog: Any) -> None:
+        """Stop the spawned command at its ELF entry point, once, for a snapshot."""
+        assert self.command is not None and self._child is not None
+        exe = resolve_binary(self.command[0])
+        img = self._image(exe)
+        entry = img.vaddr_to_offset(img.elf.header["e_entry"], executable=True)
+        if entry is None:
+            return
+        fd = prog.load("apptrace_hold_at_entry")
+        prog.attach_perf(fd, exe, entry, self._child.pid, 0, False, "entry hold")
+        self._hold_armed = True
+
+    def _snapshot_after_loader(self) -> None:
+        """At the entry stop, snapshot the command's maps, then let it run: a
+        command that exits at once still has its libraries symbolized."""
+        assert self._child is not None and self._symbolizer is not None
+        if not self._hold_armed:
+            return
+        pid = self._child.pid
+        deadline = time.monotonic() + 5.0
+        stopped = False
+        while time.monotonic() < deadline:
+            try:
+                got, status = os.waitpid(pid, os.WNOHANG | os.WUNTRACED)
+            except ChildProcessError:
+                return
+            if got == pid and os.WIFSTOPPED(status):
+                stopped = True
+                break
+            if got == pid:  # it exited before reaching its entry point
+                self.exit_status = os.waitstatus_to_exitcode(status)
+                self._child.returncode = self.exit_status
+                return
+            time.sleep(0.0005)
+        try:
+            self._symbolizer.watch(pid, force=True)
+        finally:
+            if stopped:
+                os.kill(pid, 18)  # SIGCONT
+
     def start(self) -> None:
         """Resolve every probe, compile once, attach, then release a held command."""
         if self._state != "new":
@@ -440,6 +481,8 @@ class Session:
                 if self.target is not None and self._child is None:
                     tracker.watch(self.target.pid, force=True)
             self._release()
+            if self._child is not None and self._symbolizer is not None:
+                self._snapshot_after_loader()
             self._state = "running"
         except BaseException:
             self.close()
@@ -462,9 +505,11 @@ class Session:
                                             for si, s in enumerate(p.sites)})
             g.plan = plan
             plans.append(plan)
-        text = render(plans)
-        self._program = prog = Program(text)
+        hold = self._child is not None and self._wants_stacks and self.symbolize
+        self._program = prog = Program(render(plans, hold_at_entry=hold))
         pid = self.target.pid if self.target else -1
+        if hold:
+            self._attach_entry_hold(prog)
         if self.semaphore_mode == "procmem" and self.target is not None:
             self._procmem = ProcMemSemaphores(self.target.pid)
         self._epoll = select.epoll()

@@ -198,7 +198,10 @@ class StackTracker:
                     got = self.symbolizer.symbolize_elf(binary, [v])[0]
                 except SymbolizerError:
                     got = [_unknown(a)]
-                frames.extend(replace(f, addr=a, module=f.module or binary) for f in got)
+                adj = 1 if i and got and got[0].symbol is not None else 0
+                frames.extend(replace(f, addr=a, module=f.module or binary,
+                                      offset=f.offset + (adj if not f.inlined else 0))
+                              for f in got)
             else:
                 frames.append(_unknown(a))
         return tuple(frames)
