@@ -17,7 +17,7 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from elftools.common.exceptions import ELFError as _PyElfError
 from elftools.elf.elffile import ELFFile
@@ -28,7 +28,8 @@ from apptrace.usdt.args import Argument, parse_arguments
 __all__ = ["Site", "Probe", "ElfImage", "read_probes", "group_sites"]
 
 _PF_X = 1
-_SHT_NOBITS = 8
+_STT_FUNC, _STT_FILE, _STT_GNU_IFUNC = 2, 4, 10
+_SYM64 = struct.Struct("<IBBHQQ")  # Elf64_Sym (32-bit objects are refused earlier)
 
 
 @dataclass(frozen=True)
@@ -201,56 +202,40 @@ class ElfImage:
                           + ", ".join(hex(v) for v in values))
         return values[0], None
 
+    def _symbols_of(self, secname: str) -> Iterator[tuple[str, int, int]]:
+        """(name, value, st_info type) of every defined symbol in one table."""
+        sec = self.section(secname)
+        if sec is None:
+            return
+        strtab = self._section_bytes(self._linked(sec))
+        data = self._section_bytes(sec)
+        data = data[: len(data) - len(data) % _SYM64.size]
+        for st_name, st_info, _, st_shndx, st_value, _ in _SYM64.iter_unpack(data):
+            if st_name and st_shndx != 0:  # named and defined
+                end = strtab.find(b"\0", st_name)
+                yield strtab[st_name:end].decode("utf-8", "replace"), st_value, st_info & 0xF
+
     def _read_symbols(self) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}
-        fmt = "<IBBHQQ" if self.is64 else "<IIIBBH"
-        entsize = struct.calcsize(fmt)
         for secname in (".symtab", ".dynsym"):
-            sec = self.section(secname)
-            if sec is None:
-                continue
-            strtab = self._section_bytes(self._linked(sec))
-            data = self._section_bytes(sec)
-            data = data[: len(data) - len(data) % entsize]
-            for ent in struct.iter_unpack(fmt, data):
-                if self.is64:
-                    st_name, st_info, _, st_shndx, st_value, _ = ent
-                else:
-                    st_name, st_value, _, st_info, _, st_shndx = ent
-                if not st_name or st_shndx == 0 or st_info & 0xF == 4:  # undefined or FILE
+            for sym, value, kind in self._symbols_of(secname):
+                if kind == _STT_FILE:
                     continue
-                end = strtab.find(b"\0", st_name)
-                sym = strtab[st_name:end].decode("utf-8", "replace")
                 vals = out.setdefault(sym, [])
-                if st_value not in vals:
-                    vals.append(st_value)
+                if value not in vals:
+                    vals.append(value)
             if secname == ".symtab" and out:
                 # .dynsym is a subset of .symtab; reading both only repeats values.
                 break
         return out
 
     def functions(self) -> dict[str, int]:
-        """Defined function symbols (name -> vaddr) from .symtab and .dynsym."""
+        """Defined function symbols (name -> vaddr) from .dynsym and .symtab."""
         out: dict[str, int] = {}
-        fmt = "<IBBHQQ" if self.is64 else "<IIIBBH"
-        entsize = struct.calcsize(fmt)
         for secname in (".dynsym", ".symtab"):
-            sec = self.section(secname)
-            if sec is None:
-                continue
-            strtab = self._section_bytes(self._linked(sec))
-            data = self._section_bytes(sec)
-            data = data[: len(data) - len(data) % entsize]
-            for ent in struct.iter_unpack(fmt, data):
-                if self.is64:
-                    st_name, st_info, _, st_shndx, st_value, _ = ent
-                else:
-                    st_name, st_value, _, st_info, _, st_shndx = ent
-                if not st_name or st_shndx == 0 or st_info & 0xF not in (2, 10):  # FUNC, IFUNC
-                    continue
-                end = strtab.find(b"\0", st_name)
-                name = strtab[st_name:end].decode("utf-8", "replace")
-                out.setdefault(name.split("@", 1)[0], st_value)
+            for name, value, kind in self._symbols_of(secname):
+                if kind in (_STT_FUNC, _STT_GNU_IFUNC):
+                    out.setdefault(name.split("@", 1)[0], value)
         return out
 
     # -- notes -------------------------------------------------------------
