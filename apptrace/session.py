@@ -12,6 +12,7 @@ Lifecycle: ``Session(...)`` → ``add()``/``usdt()``/``uprobe()``/``uretprobe()`
 from __future__ import annotations
 
 import atexit
+import collections
 import fnmatch
 import os
 import select
@@ -102,6 +103,7 @@ class _Group:
         self.nstr = 0
         self.plan: Optional[GroupPlan] = None
         self.ring: Any = None
+        self.converters: dict[tuple[int, int], tuple[ProbeInfo, list[Any]]] = {}
 
 
 _live: "weakref.WeakSet[Session]" = weakref.WeakSet()
@@ -164,6 +166,7 @@ class Session:
         self.attach_seconds = 0.0
         self.exit_status: Optional[int] = None
         self._ring_events: dict[int, int] = {}
+        self._comms: dict[bytes, str] = {}
         self._hold_armed = False
         self._folded_final: dict[str, int] = {}
 
@@ -629,44 +632,78 @@ class Session:
         return self.stats()
 
     def _decode(self, g: _Group, recs: list[tuple[Any, ...]]) -> list[Event]:
+        """Records → Events. Per-site converters are built once; the common case
+        (no faulted reads, no strings) is one tuple comprehension per event."""
         plan = g.plan
         assert plan is not None
         nh = _HEADER_FIELDS
         nargs = plan.nargs
         has_str = plan.nstr > 0
-        out = []
-        stats = self._stats
+        stack_base = nh + nargs + (1 if has_str else 0)
+        out: list[Event] = []
         probes = g.probes
+        comms = self._comms
+        convs = g.converters
+        append = out.append
         for rec in recs:
             ts, pid, tid, pidx, site, flags, nstack, comm = rec[:nh]
-            p = probes[pidx]
-            s = p.sites[site] if site < len(p.sites) else p.sites[0]
-            raw = rec[nh:nh + nargs]
-            strs = rec[nh + nargs] if has_str else b""
-            args = []
-            for i, slot in enumerate(s.slots):
-                if slot.unavailable is not None:
-                    args.append(Unavailable(slot.unavailable))
-                    continue
-                if flags & (1 << i) & FLAG_ARG_FAILED:
-                    stats.read_faults += 1
-                    args.append(Unavailable("memory read faulted"))
-                    continue
-                args.append(self._value(raw[i], slot, strs, flags))
-            stack_ips: Optional[tuple[int, ...]] = None
+            key = (pidx, site)
+            conv = convs.get(key)
+            if conv is None:
+                conv = convs[key] = self._converters(probes[pidx], site)
+            info, fns = conv
+            if flags or has_str:
+                args = self._slow_args(probes[pidx], site, rec[nh:nh + nargs],
+                                       rec[nh + nargs] if has_str else b"", flags)
+            else:
+                args = tuple([f(v) if f else v for f, v in zip(fns, rec[nh:])])
+            name = comms.get(comm)
+            if name is None:
+                name = comms[comm] = comm.split(b"\0", 1)[0].decode("utf-8", "replace")
+            stack_ips = None
             if plan.stack_depth:
-                base = nh + nargs + (1 if has_str else 0)
-                depth = max(0, nstack) // 8
-                stack_ips = tuple(rec[base:base + depth])
-            stats.per_probe[p.info.label] = stats.per_probe.get(p.info.label, 0) + 1
-            out.append(Event(ts, pid, tid, comm.split(b"\0", 1)[0].decode("utf-8", "replace"),
-                             p.info, tuple(args), site, None, stack_ips))
+                stack_ips = tuple(rec[stack_base:stack_base + max(0, nstack) // 8])
+            append(Event(ts, pid, tid, name, info, args, site, None, stack_ips))
+        per_probe = self._stats.per_probe
+        for pidx, n in collections.Counter(r[3] for r in recs).items():
+            label = probes[pidx].info.label
+            per_probe[label] = per_probe.get(label, 0) + n
         if plan.stack_depth and self.symbolize:
-            anchors = [(probes[r[3]].sites[min(r[4], len(probes[r[3]].sites) - 1)].binary,
-                        probes[r[3]].sites[min(r[4], len(probes[r[3]].sites) - 1)].vaddr)
-                       for r in recs]
+            anchors = []
+            for r in recs:
+                sites = probes[r[3]].sites
+                st = sites[min(r[4], len(sites) - 1)]
+                anchors.append((st.binary, st.vaddr))
             out = self._tracker().symbolize(out, anchors)
         return out
+
+    def _converters(self, p: _Probe, site: int) -> tuple[ProbeInfo, list[Any]]:
+        """For one site: a function per argument slot (None: the raw value as is)."""
+        s = p.sites[site] if site < len(p.sites) else p.sites[0]
+        fns: list[Any] = []
+        for slot in s.slots:
+            if slot.unavailable is not None:
+                gone = Unavailable(slot.unavailable)
+                fns.append(lambda v, gone=gone: gone)
+            elif slot.type is None and not slot.is_float and not slot.signed:
+                fns.append(None)
+            else:
+                fns.append(lambda v, slot=slot: self._value(v, slot, b"", 0))
+        return p.info, fns
+
+    def _slow_args(self, p: _Probe, site: int, raw: tuple[int, ...], strs: bytes,
+                   flags: int) -> tuple[Any, ...]:
+        s = p.sites[site] if site < len(p.sites) else p.sites[0]
+        args: list[Any] = []
+        for i, slot in enumerate(s.slots):
+            if slot.unavailable is not None:
+                args.append(Unavailable(slot.unavailable))
+            elif flags & (1 << i) & FLAG_ARG_FAILED:
+                self._stats.read_faults += 1
+                args.append(Unavailable("memory read faulted"))
+            else:
+                args.append(self._value(raw[i], slot, strs, flags))
+        return tuple(args)
 
     def _value(self, v: int, slot: _Slot, strs: bytes, flags: int) -> Any:
         t = slot.type
