@@ -15,11 +15,12 @@ system:
 
 # The venv sees Debian's bcc through a symlink to that one package, not the
 # whole dist-packages directory.
-$(STAMPS)/venv: pyproject.toml | $(STAMPS)
+$(STAMPS)/venv: pyproject.toml Makefile | $(STAMPS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
 	  if [ -d /usr/lib/python3/dist-packages/bcc ]; then ln -sfn /usr/lib/python3/dist-packages/bcc $$site/bcc; fi
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]' \
+	    --config-settings editable_mode=compat  # a .pth path: no import hook at start-up
 	@touch $@
 
 venv: system $(STAMPS)/venv

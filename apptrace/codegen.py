@@ -63,6 +63,7 @@ class GroupPlan:
     multi: bool = True
     fold: bool = False        # count (pid, comm, probe, site, stack) in the kernel; no events
     stack_entries: int = 16384
+    table: bool = False       # argument specs in a map, read by one generic reader
 
     @property
     def name(self) -> str:
@@ -77,12 +78,98 @@ class GroupPlan:
         return struct.Struct(fmt)
 
 
+MAX_TABLE_ARGS = 12  # sys/sdt.h's limit
+NO_REG = 0xFFFF
+
+# Byte offsets in x86-64 struct pt_regs (a user-space ABI, fixed since 2.6).
+PT_REGS_OFFSET = {name: 8 * i for i, name in enumerate(
+    ("r15", "r14", "r13", "r12", "bp", "bx", "r11", "r10", "r9", "r8", "ax", "cx", "dx",
+     "si", "di", "orig_ax", "ip", "cs", "flags", "sp", "ss"))}
+
+# kinds in struct apptrace_arg
+ARG_NONE, ARG_CONST, ARG_REG, ARG_MEM, ARG_MEM_IP = 0, 1, 2, 3, 4
+
+
 def header_c() -> str:
-    return """#include <uapi/linux/ptrace.h>
-struct apptrace_hdr {
+    return f"""#include <uapi/linux/ptrace.h>
+struct apptrace_hdr {{
     u64 ts; u32 pid; u32 tid; u32 probe; u32 site; u32 flags; s32 nstack; char comm[16];
-};
+}};
+/* One argument spec, for groups read through a table (see table_row). */
+struct apptrace_arg {{
+    u8 kind; u8 size; u8 sign; u8 shift; u16 base; u16 index; s64 disp; u64 scale;
+}};
+struct apptrace_spec {{ struct apptrace_arg a[{MAX_TABLE_ARGS}]; }};
+static __always_inline u64 apptrace_reg(struct pt_regs *ctx, u16 off) {{
+    u64 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), (void *)ctx + (off & 0xff));
+    return v;
+}}
 """
+
+
+def table_row(reads: tuple[ArgRead, ...], site_vaddr: int) -> list[tuple[int, ...]]:
+    """One map value for a table-driven group: (kind, size, sign, shift, base,
+    index, disp, scale) per argument. The generic reader does at run time what
+    :func:`_read_one` would have generated."""
+    rows: list[tuple[int, ...]] = []
+    for r in reads[:MAX_TABLE_ARGS]:
+        a = r.usdt
+        if a is None:  # a uprobe argument or return value: a whole register
+            rows.append((ARG_REG, 8, 0, 0, PT_REGS_OFFSET[r.reg or "ax"], NO_REG, 0, 0))
+        elif a.kind == "constant":
+            v = (a.value or 0) & (1 << 64) - 1
+            rows.append((ARG_CONST, 8, 0, 0, NO_REG, NO_REG, v - (1 << 64) if v >> 63 else v, 0))
+        elif a.kind == "register":
+            rows.append((ARG_REG, a.size, int(a.signed and not a.is_float), a.shift,
+                         PT_REGS_OFFSET[a.register or "ax"], NO_REG, 0, 0))
+        elif a.kind in ("memory", "rip_relative"):
+            ip_relative = a.kind == "rip_relative" or a.symbol is not None
+            disp = (a.address or 0) - site_vaddr if ip_relative else a.displacement
+            rows.append((ARG_MEM_IP if ip_relative else ARG_MEM, a.size,
+                         int(a.signed and not a.is_float), 0,
+                         PT_REGS_OFFSET[a.base] if a.base else NO_REG,
+                         PT_REGS_OFFSET[a.index] if a.index else NO_REG, disp, a.scale))
+        else:
+            rows.append((ARG_NONE, 0, 0, 0, NO_REG, NO_REG, 0, 0))
+    return rows
+
+
+def _render_table_reader(g: GroupPlan) -> str:
+    """A generic argument reader, the same C whatever the number of layouts."""
+    n = g.name
+    nargs = min(max(g.nargs, 1), MAX_TABLE_ARGS)
+    return f"""BPF_ARRAY({n}_specs, struct apptrace_spec, {max(len(g.readers), 1)});
+static __always_inline void {n}_arg(struct pt_regs *ctx, struct apptrace_arg *a, u32 i,
+                                   struct {n}_ev *e) {{
+    u64 v = 0;
+    u32 size = a->size & 0xf;
+    if (size > 8) size = 8;
+    if (a->kind == {ARG_CONST}) {{
+        e->a[i] = (u64)a->disp;
+        return;
+    }} else if (a->kind == {ARG_REG}) {{
+        v = apptrace_reg(ctx, a->base) >> (a->shift & 0x3f);
+    }} else if (a->kind == {ARG_MEM} || a->kind == {ARG_MEM_IP}) {{
+        u64 addr = (u64)a->disp;
+        if (a->kind == {ARG_MEM_IP}) addr += ctx->ip;
+        if (a->base != {NO_REG}) addr += apptrace_reg(ctx, a->base);
+        if (a->index != {NO_REG}) addr += apptrace_reg(ctx, a->index) * a->scale;
+        if (bpf_probe_read_user(&v, size, (void *)addr)) e->h.flags |= 1u << i;
+    }} else {{
+        return;
+    }}
+    u32 bits = (64 - 8 * size) & 0x3f;
+    v <<= bits;
+    e->a[i] = a->sign ? (u64)((s64)v >> bits) : v >> bits;
+}}
+static __always_inline void {n}_table(struct pt_regs *ctx, u32 reader, struct {n}_ev *e) {{
+    struct apptrace_spec *sp = {n}_specs.lookup(&reader);
+    if (!sp) return;
+#pragma unroll
+    for (u32 i = 0; i < {nargs}; i++)
+        {n}_arg(ctx, &sp->a[i], i, e);
+}}"""
 
 
 def _extend(expr: str, size: int, signed: bool) -> str:
@@ -208,13 +295,18 @@ def render(plans: list[GroupPlan], *, hold_at_entry: bool = False) -> str:
         out.append(f"struct {n}_ev {{\n" + "\n".join(fields) + "\n};")
         out.append(f"BPF_RINGBUF_OUTPUT({n}_rb, {g.ringbuf_pages});")
         out.append(f"BPF_PERCPU_ARRAY({n}_lost, u64, {max(g.nprobes, 1)});")
-        for rid, (reads, vaddr) in enumerate(g.readers):
-            body = "\n        ".join(_read_one(i, r, vaddr) for i, r in enumerate(reads))
-            out.append(f"static __always_inline void {n}_r{rid}(struct pt_regs *ctx,"
-                       f" struct {n}_ev *e) {{\n    u64 v = 0;\n        {body}\n"
-                       f"    (void)v;\n}}")
-        cases = "\n".join(f"    case {rid}: {n}_r{rid}(ctx, e); break;"
-                          for rid in range(len(g.readers)))
+        if g.table:
+            out.append(_render_table_reader(g))
+            dispatch = f"    {n}_table(ctx, ck & 0xffff, e);"
+        else:
+            for rid, (reads, vaddr) in enumerate(g.readers):
+                body = "\n        ".join(_read_one(i, r, vaddr) for i, r in enumerate(reads))
+                out.append(f"static __always_inline void {n}_r{rid}(struct pt_regs *ctx,"
+                           f" struct {n}_ev *e) {{\n    u64 v = 0;\n        {body}\n"
+                           f"    (void)v;\n}}")
+            cases = "\n".join(f"    case {rid}: {n}_r{rid}(ctx, e); break;"
+                              for rid in range(len(g.readers)))
+            dispatch = f"    switch (ck & 0xffff) {{\n{cases}\n    default: break;\n    }}"
         stack = ""
         if g.stack_depth:
             stack = ("    e->h.nstack = bpf_get_stack(ctx, e->stack, sizeof(e->stack),"
@@ -236,10 +328,7 @@ def render(plans: list[GroupPlan], *, hold_at_entry: bool = False) -> str:
     e->h.flags = 0;
     e->h.nstack = 0;
     bpf_get_current_comm(&e->h.comm, sizeof(e->h.comm));
-    switch (ck & 0xffff) {{
-{cases}
-    default: break;
-    }}
+{dispatch}
 {stack}    {n}_rb.ringbuf_submit(e, 0);
     return 0;
 }}""")

@@ -9,8 +9,6 @@ is gone even if the number came back. Files a process maps are opened through
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from dataclasses import dataclass
 from typing import Optional
 
@@ -125,6 +123,9 @@ def _ld_cache() -> list[tuple[str, str]]:
     """(soname, path) pairs for this architecture from ``ldconfig -p``."""
     global _ldcache
     if _ldcache is None:
+        import shutil
+        import subprocess
+
         entries: list[tuple[str, str]] = []
         exe = shutil.which("ldconfig") or "/sbin/ldconfig"
         try:
@@ -174,6 +175,8 @@ def resolve_binary(name: str, pid: Optional[int] = None) -> str:
             cands.append(path)
     if cands:
         return cands[0]
+    import shutil
+
     exe = shutil.which(name)
     if exe:
         return exe

@@ -27,7 +27,15 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from apptrace import capabilities
-from apptrace.codegen import FLAG_ARG_FAILED, HEADER, ArgRead, GroupPlan, render
+from apptrace.codegen import (
+    FLAG_ARG_FAILED,
+    HEADER,
+    MAX_TABLE_ARGS,
+    ArgRead,
+    GroupPlan,
+    render,
+    table_row,
+)
 from apptrace.errors import ApptraceError, ElfError, NoProbesError, ProbeNotFoundError
 from apptrace.events import Event, ProbeInfo, RawBatch, Stats, Unavailable
 from apptrace.probes import ArgType, ProbeSpec, parse_probe
@@ -45,6 +53,7 @@ _F32 = struct.Struct("<f")
 _F64 = struct.Struct("<d")
 _U64 = struct.Struct("<Q")
 _HEADER_FIELDS = len(HEADER.unpack(bytes(HEADER.size)))
+TABLE_THRESHOLD = 16  # argument layouts in one group before specs go in a map
 
 
 @dataclass
@@ -128,7 +137,8 @@ class Session:
     def __init__(self, *, pid: Optional[int] = None, path: Optional[str] = None,
                  command: Optional[Sequence[str]] = None, semaphores: str = "kernel",
                  str_max: int = 64, ringbuf_kb: int = 4096, stack_depth: int = 32,
-                 symbolize: bool = True, multi: Optional[bool] = None) -> None:
+                 symbolize: bool = True, multi: Optional[bool] = None,
+                 arg_tables: Optional[bool] = None) -> None:
         if sum(x is not None for x in (pid, path, command)) > 1:
             raise ValueError("give at most one of pid, path, command")
         if semaphores not in ("kernel", "procmem"):
@@ -150,6 +160,9 @@ class Session:
         self.stack_depth = stack_depth
         self.symbolize = symbolize
         self.multi = capabilities.has_uprobe_multi() if multi is None else multi
+        # Many argument layouts (``usdt:hotspot*:*``) make generated C slow to
+        # compile; past a threshold a group's specs go in a map instead.
+        self.arg_tables = arg_tables
         self._handles: list[ProbeHandle] = []
         self._groups: list[_Group] = []
         self._program: Any = None
@@ -403,6 +416,18 @@ class Session:
                 break
             time.sleep(0.0005)
 
+    @staticmethod
+    def _fill_specs(prog: Any, plan: GroupPlan) -> None:
+        """Write each reader's argument specs into the group's spec map."""
+        table = prog.table(f"{plan.name}_specs")
+        for rid, (reads, vaddr) in enumerate(plan.readers):
+            leaf = table.Leaf()
+            for i, row in enumerate(table_row(reads, vaddr)):
+                arg = leaf.a[i]
+                (arg.kind, arg.size, arg.sign, arg.shift, arg.base, arg.index, arg.disp,
+                 arg.scale) = row
+            table[table.Key(rid)] = leaf
+
     def _attach_entry_hold(self, prog: Any) -> None:
         """Stop the spawned command at its ELF entry point, once, for a snapshot."""
         assert self.command is not None and self._child is not None
@@ -502,6 +527,9 @@ class Session:
             plan = GroupPlan(g.gid, g.nargs, g.nstr, self.str_max, stack,
                              self.ringbuf_pages, len(g.probes), g.reader_plans,
                              multi=self.multi, fold=g.handle.fold)
+            tables_ok = g.nstr == 0 and g.nargs <= MAX_TABLE_ARGS and not plan.fold
+            plan.table = tables_ok and (len(g.reader_plans) > TABLE_THRESHOLD
+                                        if self.arg_tables is None else self.arg_tables)
             if not self.multi:
                 plan.site_cookies = sorted({self._cookie(pi, si, s.reader)
                                             for pi, p in enumerate(g.probes)
@@ -513,6 +541,9 @@ class Session:
         pid = self.target.pid if self.target else -1
         if hold:
             self._attach_entry_hold(prog)
+        for plan in plans:
+            if plan.table:
+                self._fill_specs(prog, plan)
         if self.semaphore_mode == "procmem" and self.target is not None:
             self._procmem = ProcMemSemaphores(self.target.pid)
         self._epoll = select.epoll()

@@ -7,10 +7,12 @@ import json
 import signal
 import sys
 import time
-from typing import Any, Optional, TextIO
+from typing import TYPE_CHECKING, Any, Optional, TextIO
 
 from apptrace.cli.base import Command, CommandError
-from apptrace.events import Event, Stats
+
+if TYPE_CHECKING:
+    from apptrace.events import Event, Stats
 
 
 class TraceCommand(Command):

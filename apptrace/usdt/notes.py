@@ -17,7 +17,7 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, NamedTuple, Optional
 
 from elftools.common.exceptions import ELFError as _PyElfError
 from elftools.elf.elffile import ELFFile
@@ -30,6 +30,18 @@ __all__ = ["Site", "Probe", "ElfImage", "read_probes", "group_sites"]
 _PF_X = 1
 _STT_FUNC, _STT_FILE, _STT_GNU_IFUNC = 2, 4, 10
 _SYM64 = struct.Struct("<IBBHQQ")  # Elf64_Sym (32-bit objects are refused earlier)
+_SHDR64 = struct.Struct("<IIQQQQIIQQ")  # Elf64_Shdr
+_SHT_NOTE, _SHT_NOBITS = 7, 8
+
+
+class _Section(NamedTuple):
+    name: str
+    type: int
+    addr: int
+    offset: int
+    size: int
+    link: int
+    number: int
 
 
 @dataclass(frozen=True)
@@ -132,6 +144,7 @@ class ElfImage:
         except (_PyElfError, struct.error, ValueError) as err:
             raise ElfError(f"malformed program headers ({err})", path=self.display) from err
         self._symbols: Optional[dict[str, list[int]]] = None
+        self._sections_cache: Optional[list[_Section]] = None
 
     def close(self) -> None:
         """Unmap the file now rather than whenever the garbage collector runs."""
@@ -173,20 +186,54 @@ class ElfImage:
 
     # -- sections ----------------------------------------------------------
 
-    def section(self, name: str) -> Any:
-        try:
-            return self.elf.get_section_by_name(name)
-        except (_PyElfError, struct.error, ValueError, IndexError) as err:
-            raise ElfError(f"malformed section headers ({err})", path=self.display) from err
+    def _section_table(self) -> list[_Section]:
+        """Section headers, read with one ``struct.iter_unpack``.
 
-    def _section_bytes(self, sec: Any) -> bytes:
-        if sec["sh_type"] == "SHT_NOBITS":
+        pyelftools builds a construct object per section; a process maps dozens
+        of objects with 30-40 sections each, and this is what ``-p PID``
+        resolution spends its time on, so the table is read directly from the
+        offsets pyelftools gave us in the ELF header.
+        """
+        if self._sections_cache is not None:
+            return self._sections_cache
+        hdr = self.elf.header
+        shoff, shnum, shentsize, shstrndx = (hdr["e_shoff"], hdr["e_shnum"],
+                                             hdr["e_shentsize"], hdr["e_shstrndx"])
+        data = self._data
+        out: list[_Section] = []
+        if shoff:
+            if shentsize != _SHDR64.size or shoff + _SHDR64.size > len(data):
+                raise ElfError("malformed section headers", path=self.display)
+            first = _SHDR64.unpack_from(data, shoff)
+            shnum = shnum or first[5]           # extended numbering: count in sh_size
+            if shstrndx == 0xFFFF:
+                shstrndx = first[6]             # ... and the name table in sh_link
+            end = shoff + shnum * _SHDR64.size
+            if end > len(data):
+                raise ElfError("section headers run past the end of the file",
+                               path=self.display)
+            raw = list(_SHDR64.iter_unpack(data[shoff:end]))
+            if not 0 <= shstrndx < len(raw):
+                raise ElfError("section name table index out of range", path=self.display)
+            _n, _t, _f, _a, noff, nsize, *_ = raw[shstrndx]
+            names = bytes(data[noff:noff + nsize]) if noff + nsize <= len(data) else b""
+            for i, (name, stype, _flags, addr, off, size, link, *_rest) in enumerate(raw):
+                nend = names.find(b"\0", name)
+                label = names[name:nend if nend >= 0 else None].decode("utf-8", "replace")
+                out.append(_Section(label, stype, addr, off, size, link, i))
+        self._sections_cache = out
+        return out
+
+    def section(self, name: str) -> Optional[_Section]:
+        return next((s for s in self._section_table() if s.name == name), None)
+
+    def _section_bytes(self, sec: _Section) -> bytes:
+        if sec.type == _SHT_NOBITS:
             return b""
-        off, size = sec["sh_offset"], sec["sh_size"]
-        if off + size > len(self._data):
+        if sec.offset + sec.size > len(self._data):
             raise ElfError(f"section {sec.name} extends past the end of the file",
                            path=self.display)
-        return self._data[off:off + size]
+        return self._data[sec.offset:sec.offset + sec.size]
 
     # -- symbols -----------------------------------------------------------
 
@@ -240,27 +287,20 @@ class ElfImage:
 
     # -- notes -------------------------------------------------------------
 
-    def _sections(self) -> list[Any]:
-        try:
-            return list(self.elf.iter_sections())
-        except (_PyElfError, struct.error, ValueError, IndexError) as err:
-            raise ElfError(f"malformed section headers ({err})", path=self.display) from err
-
-    def _linked(self, sec: Any) -> Any:
-        try:
-            return self.elf.get_section(sec["sh_link"])
-        except (_PyElfError, struct.error, ValueError, IndexError) as err:
-            raise ElfError(f"section {sec.name} links to a bad section ({err})",
-                           path=self.display) from err
+    def _linked(self, sec: _Section) -> _Section:
+        table = self._section_table()
+        if not 0 <= sec.link < len(table):
+            raise ElfError(f"section {sec.name} links to a missing section", path=self.display)
+        return table[sec.link]
 
     def sites(self) -> list[Site]:
         """Every stapsdt note, decoded, in file order; duplicates dropped."""
-        secs = [s for s in self._sections()
-                if s.name == ".note.stapsdt" and s["sh_type"] == "SHT_NOTE"]
+        secs = [s for s in self._section_table()
+                if s.name == ".note.stapsdt" and s.type == _SHT_NOTE]
         if not secs:
             raise NoProbesError(self.display)
         base_sec = self.section(".stapsdt.base")
-        base_addr = base_sec["sh_addr"] if base_sec is not None else None
+        base_addr = base_sec.addr if base_sec is not None else None
         out: list[Site] = []
         seen: set[tuple[str, str, int]] = set()
         index = 0
