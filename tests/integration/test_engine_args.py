@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 
@@ -83,10 +83,11 @@ class _Drain:
 
 
 def _trace_run(spawn: Any, binary: Path, count: int, specs: list[str],
-               budget: float = 60.0) -> tuple[list[Event], Any, list[str], Session]:
+               budget: float = 60.0, arg_tables: Optional[bool] = None,
+               ) -> tuple[list[Event], Any, list[str], Session]:
     """Spawn BINARY COUNT wait, attach SPECS by PID, release, collect to exit."""
     child = spawn([binary, count, "wait"])
-    s = Session(pid=child.pid)
+    s = Session(pid=child.pid, arg_tables=arg_tables)
     try:
         for spec in specs:
             s.add(spec)
@@ -127,17 +128,23 @@ def _same(got: Any, want: Any) -> bool:
     return isinstance(got, str) and got == want
 
 
-@pytest.mark.parametrize("name", ["usdt_args_pie", "usdt_args_nopie",
-                                  "usdt_args_o2_pie", "usdt_args_o2_nopie"])
+@pytest.mark.parametrize("name, tables", [
+    ("usdt_args_pie", None), ("usdt_args_nopie", None),
+    ("usdt_args_o2_pie", None), ("usdt_args_o2_nopie", None),
+    # The same comparison through the table-driven reader (many-layout groups).
+    ("usdt_args_pie", True), ("usdt_args_o2_nopie", True)])
 def test_usdt_args_every_shape_matches_printed(fixtures_dir: Path, spawn: Any,
-                                               name: str) -> None:
+                                               name: str, tables: Optional[bool]) -> None:
     binary = fixtures_dir / name
     # Every probe the binary has is covered by the specs below.
     in_binary = {p.name for p in read_probes(binary)}
     assert in_binary == set(ARGS_SPECS)
 
     events, stats, printed, s = _trace_run(spawn, binary, ARGS_COUNT,
-                                           list(ARGS_SPECS.values()))
+                                           list(ARGS_SPECS.values()), arg_tables=tables)
+    if tables:
+        assert [g.plan.table for g in s._groups] == [  # type: ignore[union-attr]
+            "str" not in spec for spec in ARGS_SPECS.values()]
     assert printed[-1] == "done"
     assert {p.name for p in s.probes} == {f"apptrace_fx:{n}" for n in ARGS_SPECS}
     assert all(p.binary.endswith(name) for p in s.probes)
@@ -200,14 +207,17 @@ def _inline_site_specs(binary: Path) -> list[str]:
     return [site.args_spec for site in probe.sites]
 
 
-@pytest.mark.parametrize("name", ["usdt_inline_pie", "usdt_inline_nopie"])
-def test_usdt_inline_every_site(fixtures_dir: Path, spawn: Any, name: str) -> None:
+@pytest.mark.parametrize("name, tables", [("usdt_inline_pie", None),
+                                         ("usdt_inline_nopie", None),
+                                         ("usdt_inline_pie", True)])
+def test_usdt_inline_every_site(fixtures_dir: Path, spawn: Any, name: str,
+                                tables: Optional[bool]) -> None:
     binary = fixtures_dir / name
     site_specs = _inline_site_specs(binary)
     assert len(site_specs) == 4, site_specs
 
     events, stats, printed, s = _trace_run(spawn, binary, INLINE_COUNT,
-                                           ["usdt:apptrace_fx:inl"])
+                                           ["usdt:apptrace_fx:inl"], arg_tables=tables)
     assert printed[-1] == "done"
     [info] = s.probes
     assert info.sites == 4
