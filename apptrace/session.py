@@ -136,7 +136,7 @@ class Session:
 
     def __init__(self, *, pid: Optional[int] = None, path: Optional[str] = None,
                  command: Optional[Sequence[str]] = None, semaphores: str = "kernel",
-                 str_max: int = 64, ringbuf_kb: int = 4096, stack_depth: int = 32,
+                 str_max: int = 64, ringbuf_kb: Optional[int] = None, stack_depth: int = 32,
                  symbolize: bool = True, multi: Optional[bool] = None,
                  arg_tables: Optional[bool] = None) -> None:
         if sum(x is not None for x in (pid, path, command)) > 1:
@@ -155,8 +155,7 @@ class Session:
         self.command = list(command) if command is not None else None
         self.semaphore_mode = semaphores
         self.str_max = max(8, (int(str_max) + 7) & ~7)
-        pages = max(1, ringbuf_kb * 1024 // 4096)
-        self.ringbuf_pages = 1 << (pages - 1).bit_length()
+        self.ringbuf_kb = ringbuf_kb
         self.stack_depth = stack_depth
         self.symbolize = symbolize
         self.multi = capabilities.has_uprobe_multi() if multi is None else multi
@@ -416,6 +415,16 @@ class Session:
                 break
             time.sleep(0.0005)
 
+    RING_BUDGET_KB = 32 * 1024   # split across probe strings unless ringbuf_kb is given
+
+    def _ring_pages(self, rings: int) -> int:
+        """Pages per ring buffer: a power of two. By default 32 MiB shared by the
+        rings, each between 1 and 16 MiB: room for ~0.2 s of a million events a
+        second while the reader is descheduled."""
+        kb = self.ringbuf_kb or min(16 * 1024, max(1024, self.RING_BUDGET_KB // max(rings, 1)))
+        pages = max(1, kb * 1024 // 4096)
+        return 1 << (pages - 1).bit_length()
+
     @staticmethod
     def _fill_specs(prog: Any, plan: GroupPlan) -> None:
         """Write each reader's argument specs into the group's spec map."""
@@ -522,10 +531,11 @@ class Session:
         from apptrace.ringbuf import RingReader
 
         plans = []
+        pages = self._ring_pages(sum(1 for g in self._groups if not g.handle.fold))
         for g in self._groups:
             stack = self.stack_depth if g.handle.spec.stack else 0
             plan = GroupPlan(g.gid, g.nargs, g.nstr, self.str_max, stack,
-                             self.ringbuf_pages, len(g.probes), g.reader_plans,
+                             pages, len(g.probes), g.reader_plans,
                              multi=self.multi, fold=g.handle.fold)
             tables_ok = g.nstr == 0 and g.nargs <= MAX_TABLE_ARGS and not plan.fold
             plan.table = tables_ok and (len(g.reader_plans) > TABLE_THRESHOLD
@@ -576,7 +586,7 @@ class Session:
             if g.plan.fold:
                 continue
             ring_fd = prog.map_fd(f"{g.plan.name}_rb")
-            g.ring = RingReader(ring_fd, self.ringbuf_pages * 4096, g.plan.event_struct())
+            g.ring = RingReader(ring_fd, g.plan.ringbuf_pages * 4096, g.plan.event_struct())
             self._epoll.register(ring_fd, select.EPOLLIN)
 
     @staticmethod

@@ -47,6 +47,9 @@ class TraceCommand(Command):
                             help="how to enable USDT semaphores (default: kernel)")
         parser.add_argument("--str-max", type=int, default=64,
                             help="longest string read per argument (bytes, default 64)")
+        parser.add_argument("--ring-mb", type=int, metavar="MB",
+                            help="ring buffer size per probe string (default: 32 MiB shared,"
+                                 " at most 16 each); raise it when events are lost")
         parser.add_argument("--stack", action="store_true", help="capture user stacks")
         parser.add_argument("--folded", action="store_true",
                             help="with --stack: print folded stack counts at the end")
@@ -77,6 +80,7 @@ class TraceCommand(Command):
         old = signal.signal(signal.SIGTERM, on_term)
         session = Session(pid=args.pid, path=args.path, command=command,
                           semaphores=args.semaphores, str_max=args.str_max,
+                          ringbuf_kb=args.ring_mb * 1024 if args.ring_mb else None,
                           symbolize=True)
         n = 0
         try:
@@ -146,7 +150,7 @@ def _summary(st: Stats, err: TextIO, status: Optional[int],
     if printed is not None and printed != st.events:
         parts.insert(0, f"{printed} printed (-n)")
     if st.lost:
-        parts[-1] += " (ring buffer full: raise the ring size or trace fewer probes)"
+        parts[-1] += " (ring buffer full: raise --ring-mb or trace fewer probes)"
     if st.truncated_strings:
         parts.append(f"{st.truncated_strings} strings truncated (raise --str-max)")
     if st.read_faults:
