@@ -79,10 +79,13 @@ class Program:
     def load(self, name: str, *, multi: bool = False) -> int:
         bcc = import_bcc()
         try:
-            fn = self.bpf.load_func(name.encode(), bcc.BPF.KPROBE,
-                                    attach_type=BPF_TRACE_UPROBE_MULTI if multi else -1)
+            with _captured_stderr() as noise:  # the verifier's log, on failure
+                fn = self.bpf.load_func(name.encode(), bcc.BPF.KPROBE,
+                                        attach_type=BPF_TRACE_UPROBE_MULTI if multi else -1)
         except Exception as err:
-            raise ApptraceError(f"the kernel rejected BPF program {name}: {err}") from err
+            log = " | ".join(noise.text().strip().splitlines()[-5:])
+            raise ApptraceError(f"the kernel rejected BPF program {name}: {err}"
+                                + (f" ({log})" if log else "")) from err
         return int(fn.fd)
 
     def map_fd(self, name: str) -> int:
@@ -176,12 +179,14 @@ def attach_uprobe_perf(prog_fd: int, path: str, offset: int, pid: int, ref_ctr_o
     """One perf-event uprobe through libbcc's 7-argument ``bpf_attach_uprobe``."""
     lib = import_bcc().libbcc.lib
     evname = b"apptrace_%d_%x_%d" % (os.getpid(), offset, len(path)) + os.urandom(4).hex().encode()
-    ctypes.set_errno(0)
-    fd = lib.bpf_attach_uprobe(prog_fd, 1 if retprobe else 0, evname, path.encode(), offset,
-                               pid, ref_ctr_offset)
-    if fd < 0:
+    with _captured_stderr():  # libbcc reports failures on fd 2; we raise instead
+        ctypes.set_errno(0)
+        fd = lib.bpf_attach_uprobe(prog_fd, 1 if retprobe else 0, evname, path.encode(),
+                                   offset, pid, ref_ctr_offset)
         err = ctypes.get_errno() or 22
-        lib.bpf_detach_uprobe(evname)  # bcc may have left a tracefs entry from its fallback
+        if fd < 0:
+            lib.bpf_detach_uprobe(evname)  # bcc may have left a tracefs entry behind
+    if fd < 0:
         raise _attach_error(err, probe, path, offset, ref_ctr_offset)
     return fd, evname
 

@@ -151,7 +151,7 @@ class Session:
             else None
         self.path = resolve_binary(path) if path is not None else None
         if self.path is not None:
-            ElfImage(self.path)  # a clear error now for a non-ELF path
+            ElfImage(self.path).close()  # a clear error now for a non-ELF path
         self.command = list(command) if command is not None else None
         self.semaphore_mode = semaphores
         self.str_max = max(8, (int(str_max) + 7) & ~7)
@@ -177,7 +177,7 @@ class Session:
         self._lock = threading.RLock()
         self.attach_seconds = 0.0
         self.exit_status: Optional[int] = None
-        self._ring_events: dict[int, int] = {}
+        self._final_stats: Optional[Stats] = None
         self._comms: dict[bytes, str] = {}
         self._hold_armed = False
         self._folded_final: dict[str, int] = {}
@@ -632,7 +632,10 @@ class Session:
                 recs = g.ring.drain()
                 if recs:
                     self._stats.events += len(recs)
-                    self._ring_events[g.gid] = self._ring_events.get(g.gid, 0) + len(recs)
+                    per_probe = self._stats.per_probe
+                    for pidx, n in collections.Counter(r[3] for r in recs).items():
+                        label = g.probes[pidx].info.label
+                        per_probe[label] = per_probe.get(label, 0) + n
                     out.append((g, recs))
         return out
 
@@ -705,10 +708,6 @@ class Session:
             if plan.stack_depth:
                 stack_ips = tuple(rec[stack_base:stack_base + max(0, nstack) // 8])
             append(Event(ts, pid, tid, name, info, args, site, None, stack_ips))
-        per_probe = self._stats.per_probe
-        for pidx, n in collections.Counter(r[3] for r in recs).items():
-            label = probes[pidx].info.label
-            per_probe[label] = per_probe.get(label, 0) + n
         if plan.stack_depth and self.symbolize:
             anchors = []
             for r in recs:
@@ -785,37 +784,34 @@ class Session:
     # -- statistics and teardown ------------------------------------------------
 
     def stats(self) -> Stats:
-        """Delivered, lost and per-probe counts (lost is read from the kernel)."""
+        """Delivered, lost and per-probe counts; lost and folded counts are read
+        from the kernel (after close: as they were at close)."""
         with self._lock:
-            st = self._stats
-            if self._program is not None:
-                from apptrace.bpf import read_int
+            c = self._stats  # what the rings delivered, counted as they drained
+            if self._program is None:
+                return self._final_stats or Stats(c.events, 0, c.truncated_strings,
+                                                  c.read_faults, dict(c.per_probe), {})
+            from apptrace.bpf import read_int
 
-                lost = 0
-                for g in self._groups:
-                    assert g.plan is not None
-                    table = self._program.table(f"{g.plan.name}_lost")
-                    for pi, p in enumerate(g.probes):
-                        n = read_int(table, pi)
-                        if n:
-                            st.lost_per_probe[p.info.label] = n
-                        lost += n
-                    if g.ring is not None:
-                        lost += g.ring.discarded
-                st.lost = lost
-                folded = {p.label: 0 for g in self._groups if g.handle.fold
-                          for p in (x.info for x in g.probes)}
-                if folded:
-                    for g, key, count in self._fold_rows():
-                        label = g.probes[key.probe].info.label
-                        folded[label] += count
-                    st.per_probe.update(folded)
-                    st.events = self._stats_events_rings + sum(folded.values())
-            return st
-
-    @property
-    def _stats_events_rings(self) -> int:
-        return sum(st for st in self._ring_events.values())
+            out = Stats(c.events, 0, c.truncated_strings, c.read_faults, dict(c.per_probe), {})
+            for g in self._groups:
+                assert g.plan is not None
+                table = self._program.table(f"{g.plan.name}_lost")
+                for pi, p in enumerate(g.probes):
+                    n = read_int(table, pi)
+                    if n:
+                        out.lost_per_probe[p.info.label] = n
+                    out.lost += n
+                if g.ring is not None:
+                    out.lost += g.ring.discarded
+                if g.handle.fold:
+                    for p in g.probes:
+                        out.per_probe.setdefault(p.info.label, 0)
+            for g, key, count in self._fold_rows():
+                out.per_probe[g.probes[key.probe].info.label] += count
+                out.events += count
+            self._final_stats = out
+            return out
 
     def _fold_rows(self) -> list[tuple[_Group, Any, int]]:
         rows = []
