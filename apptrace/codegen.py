@@ -10,6 +10,12 @@ reader. Two entry shapes call them:
 - ``<g>_c<cookie>``: one tiny entry per site with the cookie as a constant,
   for kernels without uprobe_multi (one perf event per site).
 
+A group with many layouts (``usdt:hotspot*:*`` has ~130) would take seconds
+for clang to compile that way, so past a threshold its specs go in an array
+map instead and one generic reader interprets them (``table`` mode: the same
+C whatever the layouts, at the price of a map lookup per hit). A group with
+``fold`` counts stacks in the kernel and sends no events at all.
+
 Every event starts with the same header; a group's events all have one size,
 so the user-space reader can decode a ring buffer in strides.
 """
@@ -22,7 +28,7 @@ from typing import Optional
 
 from apptrace.usdt.args import Argument
 
-__all__ = ["ArgRead", "GroupPlan", "HEADER", "render", "header_c"]
+__all__ = ["ArgRead", "GroupPlan", "HEADER", "render", "header_c", "table_row"]
 
 # struct apptrace_hdr: ts, pid(tgid), tid, probe, site, flags, nstack, comm
 HEADER = struct.Struct("<QIIIIIi16s")
@@ -216,14 +222,14 @@ def _read_one(i: int, r: ArgRead, site_vaddr: int) -> str:
     lines.append(f"e->a[{i}] = v;")
     if r.str_slot >= 0:
         j = r.str_slot
+        trunc = 1 << (FLAG_STR_TRUNC_SHIFT + j)
         lines.append(
             f"if (!(e->h.flags & {1 << i}u)) {{ int n = bpf_probe_read_user_str(e->s[{j}],"
             f" sizeof(e->s[{j}]), (void *)v); if (n < 0) {{ {fail} }}"
-            f" else if (n >= (int)sizeof(e->s[{j}])) e->h.flags |= {1 << (16 + j)}u; }}")
+            f" else if (n >= (int)sizeof(e->s[{j}])) e->h.flags |= {trunc}u; }}")
     return "\n        ".join(lines)
 
 
-FOLD_KEY = struct.Struct("<IIIi16s")  # pid, probe, site, stack id, comm
 
 
 def _entries(g: GroupPlan) -> str:

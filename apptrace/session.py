@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 from apptrace import capabilities
 from apptrace.codegen import (
     FLAG_ARG_FAILED,
+    FLAG_STR_TRUNC_SHIFT,
     HEADER,
     MAX_TABLE_ARGS,
     ArgRead,
@@ -751,7 +752,7 @@ class Session:
             j = slot.str_slot
             raw = strs[j * self.str_max:(j + 1) * self.str_max]
             text = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
-            if flags & (1 << (16 + j)):
+            if flags & (1 << (FLAG_STR_TRUNC_SHIFT + j)):
                 self._stats.truncated_strings += 1
             return text
         if t is not None and t.kind == "float" or (t is None and slot.is_float):

@@ -33,3 +33,15 @@ def test_poll_raw_batches_carry_every_record(fixtures_dir, spawn):  # type: igno
     assert [r[8] for r in records[:5]] == [0, 1, 2, 3, 4]
     assert all(r[1] == child.pid and r[3] == 0 and r[5] == 0 for r in records[:1000])
     assert all(a[0] <= b[0] for a, b in zip(records, records[1:]))  # in time order
+
+
+def test_truncated_strings_are_counted(fixtures_dir):  # type: ignore[no-untyped-def]
+    binary = str(fixtures_dir / "uprobe_funcs_pie")
+    with Session(command=[binary, "3"], str_max=8) as s:
+        s.add(f"uretprobe:{binary}:fx_greet(str)")
+        events = list(s.events(timeout=20))
+        st = s.stats()
+    # "hello-<name>" does not fit in 8 bytes: 7 characters and the NUL arrive.
+    assert [len(e.args[0]) for e in events] == [7, 7, 7]
+    assert all(e.args[0] == "hello-u" for e in events)
+    assert st.truncated_strings == 3 and st.lost == 0
