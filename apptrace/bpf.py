@@ -19,6 +19,17 @@ import struct
 import tempfile
 from typing import Any, Iterator, Sequence
 
+from apptrace.bpfobj import (
+    BpfMap,
+    CompiledObject,
+    LoadedObject,
+    MapSpec,
+    cache_get,
+    cache_key,
+    cache_put,
+    map_info,
+    unbind,
+)
 from apptrace.capabilities import BPF_LINK_CREATE, BPF_TRACE_UPROBE_MULTI, bpf
 from apptrace.errors import (
     ApptraceError,
@@ -28,7 +39,8 @@ from apptrace.errors import (
     TracePermissionError,
 )
 
-__all__ = ["import_bcc", "Program", "self_test", "attach_uprobe_perf", "attach_uprobe_multi"]
+__all__ = ["import_bcc", "Program", "compile_c", "self_test", "attach_uprobe_perf",
+           "attach_uprobe_multi"]
 
 _bcc: Any = None
 
@@ -49,50 +61,97 @@ def import_bcc() -> Any:
         lib.bpf_attach_uprobe.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p,
                                           ctypes.c_char_p, ctypes.c_ulonglong, ctypes.c_int,
                                           ctypes.c_uint32]
+        lib.bpf_num_tables.restype = ctypes.c_size_t
+        lib.bpf_num_tables.argtypes = [ctypes.c_void_p]
+        lib.bpf_table_name.restype = ctypes.c_char_p
+        lib.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
         _bcc = bcc
     return _bcc
 
 
+def _compiler_id() -> str:
+    """What the cache key needs to know about the compiler, without importing bcc."""
+    for lib in ("/usr/lib/x86_64-linux-gnu/libbcc.so.0", "/usr/lib/libbcc.so.0"):
+        try:
+            st = os.stat(lib)
+            return f"{os.path.realpath(lib)}:{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            continue
+    return "bcc"
+
+
+def compile_c(text: str, cflags: Sequence[str] = ()) -> CompiledObject:
+    """Compile with bcc and keep the bytecode; bcc's own maps are dropped."""
+    bcc = import_bcc()
+    lib = bcc.libbcc.lib
+    try:
+        with _captured_stderr() as noise:
+            b = bcc.BPF(text=text.encode(), cflags=list(cflags))
+    except Exception as err:  # bcc raises bare Exception; clang's text went to fd 2
+        detail = noise.text().strip().splitlines()[-3:]
+        if detail:
+            err = type(err)(f"{err}: " + " | ".join(detail))
+        from apptrace.capabilities import has_trace_privileges
+
+        if not has_trace_privileges():
+            raise TracePermissionError(f"cannot load BPF programs ({err})") from err
+        raise BccUnavailableError(
+            f"bcc failed to compile the generated program ({err})",
+            hint="kernel headers must be usable: run `make setup` or `apptrace doctor`",
+        ) from err
+    try:
+        maps, fd_names = [], {}
+        for i in range(lib.bpf_num_tables(b.module)):
+            name = lib.bpf_table_name(b.module, i)
+            fd = lib.bpf_table_fd(b.module, name)
+            mtype, key, value, entries, flags = map_info(fd)
+            maps.append(MapSpec(name.decode(), mtype, key, value, entries, flags))
+            fd_names[fd] = name.decode()
+        functions, relocs = {}, {}
+        for i in range(lib.bpf_num_functions(b.module)):
+            fname = lib.bpf_function_name(b.module, i)
+            start = lib.bpf_function_start(b.module, fname)
+            size = lib.bpf_function_size(b.module, fname)
+            if not start or not size:
+                continue
+            code, where = unbind(ctypes.string_at(start, size), fd_names)
+            functions[fname.decode()] = code
+            relocs[fname.decode()] = where
+        license = (lib.bpf_module_license(b.module) or b"GPL").decode()
+        return CompiledObject(tuple(maps), functions, relocs, license)
+    finally:
+        b.cleanup()
+
+
 class Program:
-    """Generated C compiled by bcc; owns the BPF module and every fd made from it."""
+    """Our generated C as loaded programs and maps, plus everything attached to them.
+
+    The bytecode comes from the compile cache when this exact C was compiled
+    before on this kernel, else from bcc (and is then cached).
+    """
 
     def __init__(self, text: str, cflags: Sequence[str] = ()) -> None:
-        bcc = import_bcc()
-        try:
-            with _captured_stderr() as noise:
-                self.bpf = bcc.BPF(text=text.encode(), cflags=list(cflags))
-        except Exception as err:  # bcc raises bare Exception; clang's text went to fd 2
-            detail = noise.text().strip().splitlines()[-3:]
-            if detail:
-                err = type(err)(f"{err}: " + " | ".join(detail))
-            from apptrace.capabilities import has_trace_privileges
-
-            if not has_trace_privileges():
-                raise TracePermissionError(f"cannot load BPF programs ({err})") from err
-            raise BccUnavailableError(
-                f"bcc failed to compile the generated program ({err})",
-                hint="kernel headers must be usable: run `make setup` or `apptrace doctor`",
-            ) from err
+        key = cache_key(text + "\0" + " ".join(cflags), _compiler_id())
+        obj = cache_get(key)
+        self.from_cache = obj is not None
+        if obj is None:
+            obj = compile_c(text, cflags)
+            cache_put(key, obj)
+        self.obj = LoadedObject(obj)
         self._fds: list[int] = []
         self._evnames: list[bytes] = []
 
     def load(self, name: str, *, multi: bool = False) -> int:
-        bcc = import_bcc()
+        return self.obj.load(name, expected_attach_type=BPF_TRACE_UPROBE_MULTI if multi else 0)
+
+    def map(self, name: str) -> BpfMap:
         try:
-            with _captured_stderr() as noise:  # the verifier's log, on failure
-                fn = self.bpf.load_func(name.encode(), bcc.BPF.KPROBE,
-                                        attach_type=BPF_TRACE_UPROBE_MULTI if multi else -1)
-        except Exception as err:
-            log = " | ".join(noise.text().strip().splitlines()[-5:])
-            raise ApptraceError(f"the kernel rejected BPF program {name}: {err}"
-                                + (f" ({log})" if log else "")) from err
-        return int(fn.fd)
+            return self.obj.maps[name]
+        except KeyError:
+            raise ApptraceError(f"no BPF map {name} in the program") from None
 
     def map_fd(self, name: str) -> int:
-        return int(self.bpf.get_table(name.encode()).map_fd)
-
-    def table(self, name: str) -> Any:
-        return self.bpf.get_table(name.encode())
+        return self.map(name).fd
 
     def attach_perf(self, prog_fd: int, path: str, offset: int, pid: int,
                     ref_ctr_offset: int, retprobe: bool, probe: str) -> None:
@@ -108,22 +167,20 @@ class Program:
                                              cookies, pid, retprobe, probe))
 
     def close(self) -> None:
-        """Detach everything (links and perf events first), then free the module."""
-        lib = import_bcc().libbcc.lib
+        """Detach everything (links and perf events first), then the programs and maps."""
         for fd in self._fds:
             try:
                 os.close(fd)
             except OSError:
                 pass
         self._fds.clear()
-        for ev in self._evnames:
-            lib.bpf_detach_uprobe(ev)  # removes a tracefs entry if bcc had to make one
-        self._evnames.clear()
-        if self.bpf is not None:
-            try:
-                self.bpf.cleanup()
-            finally:
-                self.bpf = None
+        if self._evnames:
+            lib = import_bcc().libbcc.lib
+            with _captured_stderr():
+                for ev in self._evnames:
+                    lib.bpf_detach_uprobe(ev)  # a tracefs entry, if bcc had to make one
+            self._evnames.clear()
+        self.obj.close()
 
 
 class _Noise:
@@ -228,20 +285,11 @@ def self_test(compile_test: bool = True) -> tuple[bool, str]:
             "int apptrace_selftest_fn(struct pt_regs *ctx) { u64 v = ctx->ip;"
             " apptrace_selftest.ringbuf_output(&v, sizeof(v), 0); return 0; }\n")
     try:
-        p = Program(text)
+        loaded = LoadedObject(compile_c(text))  # never from the cache: this checks bcc
         try:
-            p.load("apptrace_selftest_fn")
+            loaded.load("apptrace_selftest_fn")
         finally:
-            p.close()
+            loaded.close()
     except ApptraceError as err:
         return False, f"{err}"
     return True, f"compiles and loads uprobe programs (bcc from {where})"
-
-
-def read_int(table: Any, key: int = 0) -> int:
-    """Sum of a per-CPU or plain array slot."""
-    v: Any = table[table.Key(key)]
-    try:
-        return int(sum(v))  # per-CPU arrays come back as a list
-    except TypeError:
-        return int(v.value)

@@ -55,6 +55,9 @@ _F64 = struct.Struct("<d")
 _U64 = struct.Struct("<Q")
 _HEADER_FIELDS = len(HEADER.unpack(bytes(HEADER.size)))
 TABLE_THRESHOLD = 16  # argument layouts in one group before specs go in a map
+_SPEC_ARG = struct.Struct("<BBBBHHqQ")  # struct apptrace_arg
+_FOLD_KEY = struct.Struct("<IIIi16s")   # struct gN_key: pid, probe, site, stack id, comm
+_U32 = struct.Struct("<I")
 
 
 @dataclass
@@ -429,14 +432,12 @@ class Session:
     @staticmethod
     def _fill_specs(prog: Any, plan: GroupPlan) -> None:
         """Write each reader's argument specs into the group's spec map."""
-        table = prog.table(f"{plan.name}_specs")
+        specs = prog.map(f"{plan.name}_specs")
         for rid, (reads, vaddr) in enumerate(plan.readers):
-            leaf = table.Leaf()
-            for i, row in enumerate(table_row(reads, vaddr)):
-                arg = leaf.a[i]
-                (arg.kind, arg.size, arg.sign, arg.shift, arg.base, arg.index, arg.disp,
-                 arg.scale) = row
-            table[table.Key(rid)] = leaf
+            rows = table_row(reads, vaddr)
+            value = b"".join(_SPEC_ARG.pack(*row) for row in rows)
+            value += bytes(specs.spec.value_size - len(value))
+            specs.update(struct.pack("<I", rid), value)
 
     def _attach_entry_hold(self, prog: Any) -> None:
         """Stop the spawned command at its ELF entry point, once, for a snapshot."""
@@ -792,14 +793,12 @@ class Session:
             if self._program is None:
                 return self._final_stats or Stats(c.events, 0, c.truncated_strings,
                                                   c.read_faults, dict(c.per_probe), {})
-            from apptrace.bpf import read_int
-
             out = Stats(c.events, 0, c.truncated_strings, c.read_faults, dict(c.per_probe), {})
             for g in self._groups:
                 assert g.plan is not None
-                table = self._program.table(f"{g.plan.name}_lost")
+                lost = self._program.map(f"{g.plan.name}_lost")
                 for pi, p in enumerate(g.probes):
-                    n = read_int(table, pi)
+                    n = lost.sum_u64(_U32.pack(pi))
                     if n:
                         out.lost_per_probe[p.info.label] = n
                     out.lost += n
@@ -809,17 +808,21 @@ class Session:
                     for p in g.probes:
                         out.per_probe.setdefault(p.info.label, 0)
             for g, key, count in self._fold_rows():
-                out.per_probe[g.probes[key.probe].info.label] += count
+                out.per_probe[g.probes[key[1]].info.label] += count
                 out.events += count
             self._final_stats = out
             return out
 
-    def _fold_rows(self) -> list[tuple[_Group, Any, int]]:
+    def _fold_rows(self) -> list[tuple[_Group, tuple[Any, ...], int]]:
+        """(group, (pid, probe, site, stack id, comm), count) for every counted stack."""
         rows = []
         for g in self._groups:
             if g.handle.fold and g.plan is not None:
-                for k, v in self._program.table(f"{g.plan.name}_counts").items():
-                    rows.append((g, k, int(v.value)))
+                counts = self._program.map(f"{g.plan.name}_counts")
+                for key in list(counts.keys()):
+                    value = counts.lookup(key)
+                    if value is not None:
+                        rows.append((g, _FOLD_KEY.unpack(key), _U64.unpack_from(value)[0]))
         return rows
 
     def folded(self) -> dict[str, int]:
@@ -830,18 +833,21 @@ class Session:
                 return dict(self._folded_final)
             rows = self._fold_rows()
             events, anchors, counts = [], [], []
-            for g, k, count in rows:
+            for g, (pid, probe, site_id, stack_id, comm_raw), count in rows:
                 assert g.plan is not None
-                p = g.probes[k.probe]
-                site = p.sites[min(k.site, len(p.sites) - 1)]
+                p = g.probes[probe]
+                site = p.sites[min(site_id, len(p.sites) - 1)]
                 ips: tuple[int, ...] = ()
-                if k.stack >= 0:
-                    ips = tuple(a for a in self._program.table(f"{g.plan.name}_stacks")
-                                .walk(k.stack) if a)
-                comm = bytes(k.comm).split(b"\0", 1)[0].decode("utf-8", "replace")
-                events.append(Event(0, k.pid, k.pid, comm, p.info, (), k.site, None, ips))
+                if stack_id >= 0:
+                    raw = self._program.map(f"{g.plan.name}_stacks").lookup(
+                        _U32.pack(stack_id))
+                    if raw is not None:
+                        words = struct.unpack(f"<{len(raw) // 8}Q", raw)
+                        ips = tuple(a for a in words if a)
+                comm = comm_raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+                events.append(Event(0, pid, pid, comm, p.info, (), site_id, None, ips))
                 anchors.append((site.binary, site.vaddr))
-                counts.append((count, k.stack))
+                counts.append((count, stack_id))
             if self.symbolize and events:
                 events = self._tracker().symbolize(events, anchors)
             out: dict[str, int] = {}
