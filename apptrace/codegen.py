@@ -34,6 +34,7 @@ __all__ = ["ArgRead", "GroupPlan", "HEADER", "render", "header_c", "table_row"]
 HEADER = struct.Struct("<QIIIIIi16s")
 FLAG_ARG_FAILED = 0x0000FFFF   # bit i: reading argument i faulted
 FLAG_STR_TRUNC_SHIFT = 16      # bit 16+j: string slot j filled its buffer
+FLAG_COMM_SAME = 1 << 31       # comm not copied: same thread as this CPU's previous event
 
 _C_INT = {1: "8", 2: "16", 4: "32", 8: "64"}
 
@@ -301,6 +302,7 @@ def render(plans: list[GroupPlan], *, hold_at_entry: bool = False) -> str:
         out.append(f"struct {n}_ev {{\n" + "\n".join(fields) + "\n};")
         out.append(f"BPF_RINGBUF_OUTPUT({n}_rb, {g.ringbuf_pages});")
         out.append(f"BPF_PERCPU_ARRAY({n}_lost, u64, {max(g.nprobes, 1)});")
+        out.append(f"BPF_PERCPU_ARRAY({n}_lasttid, u32, 1);")
         if g.table:
             out.append(_render_table_reader(g))
             dispatch = f"    {n}_table(ctx, ck & 0xffff, e);"
@@ -333,7 +335,18 @@ def render(plans: list[GroupPlan], *, hold_at_entry: bool = False) -> str:
     e->h.site = (ck >> 16) & 0xffff;
     e->h.flags = 0;
     e->h.nstack = 0;
-    bpf_get_current_comm(&e->h.comm, sizeof(e->h.comm));
+    /* Copying comm is a good part of the per-hit cost. When this CPU's previous
+       event in this ring came from the same thread, the reader already has the
+       name (records of one CPU keep their order in the ring). */
+    u32 zero = 0;
+    u32 *last = {n}_lasttid.lookup(&zero);
+    if (last && *last == e->h.tid) {{
+        e->h.flags = {FLAG_COMM_SAME}u;
+        e->h.comm[0] = 0;
+    }} else {{
+        bpf_get_current_comm(&e->h.comm, sizeof(e->h.comm));
+        if (last) *last = e->h.tid;
+    }}
 {dispatch}
 {stack}    {n}_rb.ringbuf_submit(e, 0);
     return 0;

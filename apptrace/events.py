@@ -84,6 +84,8 @@ class RawBatch:
     Each record is ``(ts_ns, pid, tid, probe_index, site, flags, nstack, comm,
     arg0..argN-1[, strings][, stack...])``; ``probes[probe_index]`` says which
     probe fired. Arguments are raw 64-bit values (sign-extended by the spec).
+    ``comm`` is empty (and flags bit 31 set) when the thread's previous record
+    on that CPU already carried it: the kernel side skips the copy.
     """
 
     probes: tuple[ProbeInfo, ...]

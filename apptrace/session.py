@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 from apptrace import capabilities
 from apptrace.codegen import (
     FLAG_ARG_FAILED,
+    FLAG_COMM_SAME,
     FLAG_STR_TRUNC_SHIFT,
     HEADER,
     MAX_TABLE_ARGS,
@@ -142,7 +143,7 @@ class Session:
                  command: Optional[Sequence[str]] = None, semaphores: str = "kernel",
                  str_max: int = 64, ringbuf_kb: Optional[int] = None, stack_depth: int = 32,
                  symbolize: bool = True, multi: Optional[bool] = None,
-                 arg_tables: Optional[bool] = None) -> None:
+                 arg_tables: Optional[bool] = None, batch_ms: float = 5.0) -> None:
         if sum(x is not None for x in (pid, path, command)) > 1:
             raise ValueError("give at most one of pid, path, command")
         if semaphores not in ("kernel", "procmem"):
@@ -166,6 +167,8 @@ class Session:
         # Many argument layouts (``usdt:hotspot*:*``) make generated C slow to
         # compile; past a threshold a group's specs go in a map instead.
         self.arg_tables = arg_tables
+        self.batch_interval = max(0.0, batch_ms / 1000)
+        self._last_drain = 0.0
         self._handles: list[ProbeHandle] = []
         self._groups: list[_Group] = []
         self._program: Any = None
@@ -183,6 +186,7 @@ class Session:
         self.exit_status: Optional[int] = None
         self._final_stats: Optional[Stats] = None
         self._comms: dict[bytes, str] = {}
+        self._thread_names: dict[int, str] = {}  # tid -> comm of its latest full record
         self._hold_armed = False
         self._folded_final: dict[str, int] = {}
 
@@ -623,9 +627,24 @@ class Session:
         if self._symbolizer is not None and self.target is not None and self.target_alive():
             # Keep the memory-map snapshot fresh (libraries loaded since, JIT maps).
             self._symbolizer.watch(self.target.pid)
+        # Drain at most once per batch interval. Each time the reader catches up,
+        # the kernel queues a wake-up for the next event (an irq_work on the
+        # traced CPU); a reader that keeps catching up makes the traced program
+        # pay that on almost every hit. Batching keeps it to one per interval.
+        now = time.monotonic()
+        early = self._last_drain + self.batch_interval - now
+        if early > 0:
+            if timeout is not None and timeout < early:
+                if timeout > 0:
+                    time.sleep(timeout)
+                return []
+            time.sleep(early)
+            if timeout is not None:
+                timeout -= early
         if timeout is None or timeout > 0:
             if not any(g.ring.pending() for g in self._groups if g.ring is not None):
                 self._epoll.poll(timeout if timeout is not None else -1)
+        self._last_drain = time.monotonic()
         out = []
         with self._lock:
             for g in self._groups:
@@ -689,6 +708,7 @@ class Session:
         out: list[Event] = []
         probes = g.probes
         comms = self._comms
+        thread_names = self._thread_names
         convs = g.converters
         append = out.append
         for rec in recs:
@@ -698,14 +718,19 @@ class Session:
             if conv is None:
                 conv = convs[key] = self._converters(probes[pidx], site)
             info, fns = conv
+            if flags & FLAG_COMM_SAME:
+                flags &= ~FLAG_COMM_SAME
+                name = thread_names.get(tid) or self._thread_name(pid, tid)
+            else:
+                known = comms.get(comm)
+                if known is None:
+                    known = comms[comm] = comm.split(b"\0", 1)[0].decode("utf-8", "replace")
+                name = thread_names[tid] = known
             if flags or has_str:
                 args = self._slow_args(probes[pidx], site, rec[nh:nh + nargs],
                                        rec[nh + nargs] if has_str else b"", flags)
             else:
                 args = tuple([f(v) if f else v for f, v in zip(fns, rec[nh:])])
-            name = comms.get(comm)
-            if name is None:
-                name = comms[comm] = comm.split(b"\0", 1)[0].decode("utf-8", "replace")
             stack_ips = None
             if plan.stack_depth:
                 stack_ips = tuple(rec[stack_base:stack_base + max(0, nstack) // 8])
@@ -718,6 +743,17 @@ class Session:
                 anchors.append((st.binary, st.vaddr))
             out = self._tracker().symbolize(out, anchors)
         return out
+
+    def _thread_name(self, pid: int, tid: int) -> str:
+        """A thread's name when its record carried none and we never saw one
+        (only if its earlier record was read through poll_raw)."""
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm", "rb") as f:
+                name = f.read().strip().decode("utf-8", "replace")
+        except OSError:
+            name = "?"
+        self._thread_names[tid] = name
+        return name
 
     def _converters(self, p: _Probe, site: int) -> tuple[ProbeInfo, list[Any]]:
         """For one site: a function per argument slot (None: the raw value as is)."""

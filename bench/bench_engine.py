@@ -198,11 +198,8 @@ def _drain_all(session: Any, api: str = "raw", settle: float = 0.05) -> int:
 
 
 def _batch_len(batch: Any) -> int:
-    """Records in one poll_raw batch (a RawBatch, or the older (group, records) pair)."""
-    recs = getattr(batch, "records", None)
-    if recs is None:
-        recs = batch[1]
-    return len(recs)
+    """Records in one poll_raw batch."""
+    return len(batch.records)
 
 
 def _read_once(session: Any, api: str, timeout: float) -> int:

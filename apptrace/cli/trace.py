@@ -105,8 +105,8 @@ class TraceCommand(Command):
                         if args.count is not None and n >= args.count:
                             stopping["flag"] = True
                             break
-                    if events and out is not sys.stdout:
-                        out.flush()
+                    if events:
+                        out.flush()  # stream: `apptrace trace --json | jq` sees events now
                     if not alive and not events:
                         break
             except KeyboardInterrupt:

@@ -197,8 +197,10 @@ def test_pid_target_killed_mid_trace(fixtures_dir: Path) -> None:
             seen.append(json.loads(ln))
         os.kill(loop.pid, signal.SIGKILL)
         t0 = time.monotonic()
-        out, err = tracer.communicate(timeout=20)
+        tracer.wait(timeout=20)
         assert time.monotonic() - t0 < 10
+        # Read through the same text streams: readline() may have buffered more.
+        out, err = tracer.stdout.read(), tracer.stderr.read()
     finally:
         _stop(tracer)
         _stop(loop)

@@ -31,7 +31,11 @@ def test_poll_raw_batches_carry_every_record(fixtures_dir, spawn):  # type: igno
     assert st.lost == 0 and len(records) == 200_000
     # (ts, pid, tid, probe, site, flags, nstack, comm, i, j, k): i counts up.
     assert [r[8] for r in records[:5]] == [0, 1, 2, 3, 4]
-    assert all(r[1] == child.pid and r[3] == 0 and r[5] == 0 for r in records[:1000])
+    assert all(r[1] == child.pid and r[3] == 0 and r[5] & 0xFFFF == 0 for r in records[:1000])
+    # The kernel copies the thread name only when it changes on a CPU.
+    assert records[0][7].rstrip(b"\0") == b"usdt_bench_pie"
+    same = [r for r in records if r[5] & (1 << 31)]
+    assert len(same) > len(records) // 2 and all(r[7][:1] == b"\0" for r in same)
     assert all(a[0] <= b[0] for a, b in zip(records, records[1:]))  # in time order
 
 
@@ -45,3 +49,15 @@ def test_truncated_strings_are_counted(fixtures_dir):  # type: ignore[no-untyped
     assert [len(e.args[0]) for e in events] == [7, 7, 7]
     assert all(e.args[0] == "hello-u" for e in events)
     assert st.truncated_strings == 3 and st.lost == 0
+
+
+def test_events_carry_the_thread_name_even_when_the_kernel_skipped_it(  # type: ignore[no-untyped-def]
+        fixtures_dir, spawn):
+    child = spawn([fixtures_dir / "usdt_bench_nopie", 20_000, "wait"])
+    with Session(pid=child.pid) as s:
+        s.add("usdt:apptrace_fx:bench")
+        s.start()
+        child.send()
+        events = list(s.events(timeout=20))
+    assert len(events) == 20_000
+    assert {e.comm for e in events} == {"usdt_bench_nopi"}  # comm is 15 characters
