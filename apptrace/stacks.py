@@ -20,6 +20,7 @@ host's ``/tmp/perf-<pid>.map``, where blazesym looks.
 
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import subprocess
@@ -33,7 +34,7 @@ from apptrace.events import Event
 if TYPE_CHECKING:
     from apptrace.symbolize import StackFrame
 
-__all__ = ["StackTracker", "symbolize_events", "write_perf_map", "is_jvm"]
+__all__ = ["StackTracker", "write_perf_map", "is_jvm"]
 
 
 def is_jvm(pid: int) -> bool:
@@ -117,7 +118,7 @@ class StackTracker:
         self.symbolizer = Symbolizer()
         self._cached: dict[int, float] = {}
         self._perfmap: dict[int, float] = {}
-        self.errors: list[str] = []
+        self.errors: collections.deque[str] = collections.deque(maxlen=100)  # latest problems
 
     def watch(self, pid: int, *, force: bool = False) -> None:
         """Snapshot PID's maps now (and the JVM perf map, for a JVM)."""
@@ -185,25 +186,28 @@ class StackTracker:
         binary, vaddr = anchor
         bias = stack[0] - vaddr
         try:
-            img = ElfImage(binary)
-        except ApptraceError:
+            with ElfImage(binary) as img:
+                lo = min(ld[0] for ld in img.loads)
+                hi = max(ld[0] + ld[1] for ld in img.loads)
+        except (ApptraceError, ValueError):
             return tuple(_unknown(a) for a in stack)
-        lo = min(ld[0] for ld in img.loads)
-        hi = max(ld[0] + ld[1] for ld in img.loads)
+        # Frame 0 is the probe IP; the others are return addresses, looked up at -1.
+        inside = [(i, a, a - bias - (1 if i else 0)) for i, a in enumerate(stack)
+                  if lo <= a - bias - (1 if i else 0) < hi]
+        try:
+            found = self.symbolizer.symbolize_elf(binary, [v for _, _, v in inside])
+        except SymbolizerError:
+            return tuple(_unknown(a) for a in stack)
+        by_index = {i: (a, got) for (i, a, _), got in zip(inside, found)}
         frames: list[StackFrame] = []
         for i, a in enumerate(stack):
-            v = a - bias - (1 if i else 0)
-            if lo <= v < hi:
-                try:
-                    got = self.symbolizer.symbolize_elf(binary, [v])[0]
-                except SymbolizerError:
-                    got = [_unknown(a)]
-                adj = 1 if i and got and got[0].symbol is not None else 0
-                frames.extend(replace(f, addr=a, module=f.module or binary,
-                                      offset=f.offset + (adj if not f.inlined else 0))
-                              for f in got)
-            else:
+            if i not in by_index:
                 frames.append(_unknown(a))
+                continue
+            adj = 1 if i and by_index[i][1] and by_index[i][1][0].symbol is not None else 0
+            frames.extend(replace(f, addr=a, module=f.module or binary,
+                                  offset=f.offset + (adj if not f.inlined else 0))
+                          for f in by_index[i][1])
         return tuple(frames)
 
     def close(self) -> None:
@@ -215,11 +219,3 @@ def _unknown(addr: int) -> Any:
 
     return StackFrame(addr=addr, symbol=None, offset=0, file=None, line=None, inlined=False,
                       module=None, reason="process exited before its memory map was read")
-
-
-def symbolize_events(session: Any, events: list[Event]) -> list[Event]:
-    """Used by :class:`apptrace.session.Session` for groups that asked for stacks."""
-    tracker: Optional[StackTracker] = session._symbolizer
-    if tracker is None:
-        tracker = session._symbolizer = StackTracker()
-    return tracker.symbolize(events)

@@ -169,3 +169,28 @@ def test_jvm_stacks_have_java_method_names(tmp_path):  # type: ignore[no-untyped
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_system_wide_short_lived_process_resolved_through_the_probe_binary(  # type: ignore[no-untyped-def]
+        fixtures_dir):
+    binary = str(fixtures_dir / "stack_chain_nopie")
+    with Session(path=binary) as s:
+        s.add("usdt:apptrace_fx:deep", stack=True)
+        s.start()
+        # Started after attach, gone before its event is read: no map snapshot.
+        out = subprocess.run([binary, "1"], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0
+        events = []
+        for _ in range(20):
+            events += s.poll(0.2)
+            if events:
+                break
+    assert len(events) == 1
+    frames = events[0].stack or ()
+    # The probe IP anchors the binary's load bias: its own frames still resolve...
+    assert [f.symbol for f in frames[:4]] == ["fire_here", "inner", "fx::Walker::outer(int)",
+                                              "main"]
+    assert all(f.module == binary for f in frames[:4])
+    # ...and what lies outside it says why it could not be named.
+    rest = frames[4:]
+    assert rest and all(f.symbol is None and f.reason for f in rest)
