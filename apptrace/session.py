@@ -135,8 +135,12 @@ class Session:
     Exactly one of ``pid`` (a running process), ``path`` (a binary,
     system-wide: every process that maps it, including later ones) or
     ``command`` (spawned by the session and held until every probe is
-    attached) may be given; with none, probes must name their binary and
-    trace system-wide.
+    attached; terminated if still running when the session closes) may be
+    given; with none, probes must name their binary and trace system-wide.
+
+    ``batch_ms``: the rings are drained at most this often. ``arg_tables``:
+    force (True/False) the table-driven argument reader instead of choosing
+    by the number of layouts. ``multi``: force uprobe_multi links on or off.
     """
 
     def __init__(self, *, pid: Optional[int] = None, path: Optional[str] = None,
@@ -937,16 +941,10 @@ class Session:
             self._program.close()
             self._program = None
         if self._release_fd is not None:
-            os.close(self._release_fd)  # the held shell reads EOF and runs; kill it below
+            os.close(self._release_fd)  # never released: the holder exits on EOF
             self._release_fd = None
-            if self._child is not None and self._child.poll() is None:
-                self._child.kill()
         if self._child is not None:
-            try:
-                self.exit_status = self._child.wait(timeout=0 if self.exit_status is None
-                                                    and self._child.poll() is None else 5)
-            except subprocess.TimeoutExpired:
-                pass
+            self._stop_child()
         if self._symbolizer is not None:
             self._symbolizer.close()
             self._symbolizer = None
@@ -956,6 +954,19 @@ class Session:
         self._probes_cache.clear()
         if errors:
             raise errors[0]
+
+    def _stop_child(self) -> None:
+        """A spawned command does not outlive its session: SIGTERM, then SIGKILL."""
+        assert self._child is not None
+        if self._child.poll() is None:
+            self._child.terminate()
+            try:
+                self._child.wait(5)
+            except subprocess.TimeoutExpired:
+                self._child.kill()
+                self._child.wait()
+        if self.exit_status is None:
+            self.exit_status = self._child.returncode
 
     def wait_child(self, timeout: Optional[float] = None) -> Optional[int]:
         """Wait for the spawned command to exit; its status."""
