@@ -162,5 +162,7 @@ def _summary(st: Stats, err: TextIO, status: Optional[int],
     for label, lost in st.lost_per_probe.items():
         if label not in st.per_probe:
             err.write(f"  {label}: 0 ({lost} lost)\n")
-    if status is not None:
+    if status is not None and status < 0:
+        err.write(f"apptrace: command ended by {signal.Signals(-status).name}\n")
+    elif status is not None:
         err.write(f"apptrace: command exited with status {status}\n")
