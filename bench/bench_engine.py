@@ -645,6 +645,34 @@ def _apptrace_attach(pid: int, specs: list[str], timeout: float = 30) -> dict[st
     return res
 
 
+@contextlib.contextmanager
+def _cache_home(path: Path) -> Iterator[None]:
+    """Point apptrace's compile cache at ``path`` for the duration."""
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(path)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("XDG_CACHE_HOME", None)
+        else:
+            os.environ["XDG_CACHE_HOME"] = old
+
+
+def _apptrace_cold_and_cached(pid: int, specs: list[str], reps: int,
+                              tmp: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Attach with an empty compile cache (bcc compiles) and with a warm one."""
+    cold = []
+    for _ in range(reps):
+        with _cache_home(Path(tempfile.mkdtemp(dir=tmp, prefix="cold-cache-"))):
+            cold.append(_apptrace_attach(pid, specs))
+    warm_home = Path(tempfile.mkdtemp(dir=tmp, prefix="warm-cache-"))
+    with _cache_home(warm_home):
+        _apptrace_attach(pid, specs)  # fills the cache; not timed
+        warm = [_apptrace_attach(pid, specs) for _ in range(reps)]
+    return cold, warm
+
+
 def _bpftrace_attach(args: list[str], env: Optional[dict[str, str]] = None,
                      timeout: float = 60, exit_timeout: float = 180) -> dict[str, Any]:
     """bpftrace start to its "Attaching" line and to its first event line."""
@@ -712,15 +740,16 @@ def bench_attach(quick: bool, gen: Path, tmp: Path) -> dict[str, Any]:
         specs = ["usdt:apptrace_gen:a", "usdt:apptrace_gen:b"]
         bt_prog = (f"usdt:{gen}:apptrace_gen:a, usdt:{gen}:apptrace_gen:b "
                    '{ printf("x\\n"); exit(); }')
-        app, bt = [], []
-        for _ in range(reps):
-            app.append(_apptrace_attach(proc.pid, specs))
-            bt.append(_bpftrace_attach(["-p", str(proc.pid), "-e", bt_prog]))
+        cold, warm = _apptrace_cold_and_cached(proc.pid, specs, reps, tmp)
+        bt = [_bpftrace_attach(["-p", str(proc.pid), "-e", bt_prog]) for _ in range(reps)]
         out["two_probes"] = {"target": "apptrace_gen (100k events/s, probes a and b)",
-                             "apptrace": _summarize(app), "bpftrace": _summarize(bt)}
+                             "apptrace_cold": _summarize(cold), "apptrace": _summarize(warm),
+                             "bpftrace": _summarize(bt)}
         o = out["two_probes"]
         o["ratio_apptrace_vs_bpftrace"] = _ratio(o["apptrace"].get("first_event_s"),
                                                  o["bpftrace"].get("first_event_s"))
+        o["ratio_apptrace_cold_vs_bpftrace"] = _ratio(o["apptrace_cold"].get("first_event_s"),
+                                                      o["bpftrace"].get("first_event_s"))
     finally:
         _stop(proc)
         proc.communicate()
@@ -752,14 +781,15 @@ def _bench_jvm(quick: bool, reps: int, tmp: Path) -> dict[str, Any]:
                 # ~530 sites; bpftrace takes about a minute to detach them, so
                 # it runs once, and not at all in quick mode.
                 ("hotspot_all", "usdt:hotspot*:*", "hotspot*:*", 0 if quick else 1)):
-            app = [_apptrace_attach(jvm.pid, [spec]) for _ in range(reps)]
+            cold, app = _apptrace_cold_and_cached(jvm.pid, [spec], reps, tmp)
             bt = []
             for _ in range(bt_reps):
                 prog = f'usdt:{libjvm}:{bt_spec} {{ printf("x\\n"); exit(); }}'
                 bt.append(_bpftrace_attach(["-p", str(jvm.pid), "-e", prog], env=many,
                                            exit_timeout=300))
                 time.sleep(0.5)
-            r: dict[str, Any] = {"spec": spec, "apptrace": _summarize(app)}
+            r: dict[str, Any] = {"spec": spec, "apptrace_cold": _summarize(cold),
+                                 "apptrace": _summarize(app)}
             if bt:
                 r["bpftrace"] = _summarize(bt)
                 r["ratio_apptrace_vs_bpftrace"] = _ratio(
@@ -768,12 +798,13 @@ def _bench_jvm(quick: bool, reps: int, tmp: Path) -> dict[str, Any]:
                 r["bpftrace"] = {"skipped": "quick mode (bpftrace needs ~1 min to detach"
                                             " ~530 uprobes)"}
             res[key] = r
-        a = res["hotspot_all"]["apptrace"]
+        # Goals judged on the cold numbers (bcc compiling), the stricter case.
+        a = res["hotspot_all"]["apptrace_cold"]
         res["goal_500_sites_s"] = GOAL_500_SITES_S
         res["goal_500_sites_met"] = (a.get("attach_seconds") or 1e9) < GOAL_500_SITES_S
         b = res["hotspot"].get("bpftrace", {})
         res["goal_vs_bpftrace_met"] = b.get("first_event_s") is not None and \
-            res["hotspot"]["apptrace"]["first_event_s"] <= b["first_event_s"]
+            res["hotspot"]["apptrace_cold"]["first_event_s"] <= b["first_event_s"]
     finally:
         _stop(jvm)
         jvm.communicate()
@@ -922,9 +953,11 @@ def format_table(r: dict[str, Any]) -> str:
 
     tp = a.get("two_probes", {})
     if tp:
-        lines.append(row("2 probes, running generator", "apptrace", tp["apptrace"]))
+        lines.append(row("2 probes, running generator", "app cold", tp["apptrace_cold"]))
+        lines.append(row("", "app cache", tp["apptrace"]))
         lines.append(row("", "bpftrace", tp["bpftrace"]))
-        lines.append(f"   first event apptrace/bpftrace:"
+        lines.append(f"   first event apptrace/bpftrace: cold"
+                     f" {_f(tp.get('ratio_apptrace_cold_vs_bpftrace'), '{:.2f}x')}, cached"
                      f" {_f(tp.get('ratio_apptrace_vs_bpftrace'), '{:.2f}x')}")
     j = a.get("jvm", {})
     if "skipped" in j or "error" in j:
@@ -932,13 +965,15 @@ def format_table(r: dict[str, Any]) -> str:
     else:
         for key in ("hotspot", "hotspot_all"):
             x = j[key]
-            lines.append(row(f"JVM {x['spec']}", "apptrace", x["apptrace"]))
+            lines.append(row(f"JVM {x['spec']}", "app cold", x["apptrace_cold"]))
+            lines.append(row("", "app cache", x["apptrace"]))
             lines.append(row("", "bpftrace", x["bpftrace"]))
-        lines.append(f"   goal ~500 sites < {GOAL_500_SITES_S}s:"
+        cold = j['hotspot_all']['apptrace_cold']
+        lines.append(f"   goal ~500 sites < {GOAL_500_SITES_S}s (cold):"
                      f" {_met(j['goal_500_sites_met'])}"
-                     f" ({_f(j['hotspot_all']['apptrace'].get('sites'), '{:.0f}')} sites in"
-                     f" {_f(j['hotspot_all']['apptrace'].get('attach_seconds'), '{:.2f}')}s);"
-                     f" hotspot:* first event <= bpftrace: {_met(j['goal_vs_bpftrace_met'])}")
+                     f" ({_f(cold.get('sites'), '{:.0f}')} sites in"
+                     f" {_f(cold.get('attach_seconds'), '{:.2f}')}s); hotspot:* first event"
+                     f" <= bpftrace (cold): {_met(j['goal_vs_bpftrace_met'])}")
     return "\n".join(lines)
 
 
