@@ -218,6 +218,11 @@ class StackFrame:
 # Loading the library
 
 
+# What one address symbolizes to: inlined frames (innermost first), then the
+# function. Tuples, because results are cached and handed out again.
+Frames = Sequence[StackFrame]
+
+
 class _Binding:
     """An opened libblazesym_c plus the per-library constants we derive from it."""
 
@@ -358,7 +363,7 @@ class Symbolizer:
         self._cached_pids: set[int] = set()
         self._ptr: Any = None
         self._auto_reload = auto_reload
-        self._results: dict[tuple[Any, ...], dict[int, list[StackFrame]]] = {}
+        self._results: dict[tuple[Any, ...], dict[int, Frames]] = {}
         self._result_count = 0
         self._maps_seen: dict[int, bytes] = {}
 
@@ -428,7 +433,7 @@ class Symbolizer:
             self._cached_pids.add(pid)
 
     def symbolize_process(self, pid: int, addrs: Sequence[int], *, perf_map: bool = True,
-                          return_addresses: bool = False) -> list[list[StackFrame]]:
+                          return_addresses: bool = False) -> list[Frames]:
         """Symbolize absolute addresses of a live (or cached) process.
 
         With ``return_addresses`` every address is looked up at ``addr - 1``
@@ -456,13 +461,13 @@ class Symbolizer:
             frames.extend(group)
         return frames
 
-    def symbolize_elf(self, path: str, virt_offsets: Sequence[int]) -> list[list[StackFrame]]:
+    def symbolize_elf(self, path: str, virt_offsets: Sequence[int]) -> list[Frames]:
         """Symbolize addresses in an ELF file's own address space (as ``nm``/``readelf`` show)."""
         return self._cached(("v", path), virt_offsets,
                             lambda uniq: self._elf(path, uniq, file_offsets=False))
 
     def symbolize_elf_file_offsets(self, path: str,
-                                   file_offsets: Sequence[int]) -> list[list[StackFrame]]:
+                                   file_offsets: Sequence[int]) -> list[Frames]:
         """Symbolize file offsets into an ELF (what address normalization produces)."""
         return self._cached(("f", path), file_offsets,
                             lambda uniq: self._elf(path, uniq, file_offsets=True))
@@ -472,8 +477,8 @@ class Symbolizer:
     CACHE_LIMIT = 1 << 20  # addresses remembered per symbolizer before starting over
 
     def _cached(self, key: tuple[Any, ...], addrs: Sequence[int],
-                run: Callable[[Sequence[int]], list[list[StackFrame]]]
-                ) -> list[list[StackFrame]]:
+                run: Callable[[Sequence[int]], list[Frames]]
+                ) -> list[Frames]:
         """Answer repeated addresses from memory; ask blazesym only for new ones.
 
         Tracing symbolizes the same hot addresses over and over; frames are
@@ -492,10 +497,10 @@ class Symbolizer:
         missing = [a for a in dict.fromkeys(addrs) if a not in known]
         if missing:
             for a, frames in zip(missing, run(missing)):
-                known[a] = frames
+                known[a] = tuple(frames)
             with self._lock:
                 self._result_count += len(missing)
-        return [list(known[a]) for a in addrs]
+        return [known[a] for a in addrs]
 
     def _forget_process(self, pid: int) -> None:
         with self._lock:
@@ -521,7 +526,7 @@ class Symbolizer:
         return self._error(self._b.lib.blaze_err_last(), what)
 
     def _process(self, pid: int, addrs: Sequence[int], adjust: Optional[Sequence[int]],
-                 perf_map: bool) -> list[list[StackFrame]]:
+                 perf_map: bool) -> list[Frames]:
         if not addrs:
             return []
         b = self._b
@@ -567,7 +572,7 @@ class Symbolizer:
         return not _can_read_map_files()
 
     def _elf(self, path: str, offsets: Sequence[int], *,
-             file_offsets: bool) -> list[list[StackFrame]]:
+             file_offsets: bool) -> list[Frames]:
         if not offsets:
             return []
         b = self._b
@@ -587,10 +592,10 @@ class Symbolizer:
 
 
 def _dedup(addrs: Sequence[int],
-           run: Callable[[Sequence[int]], list[list[StackFrame]]]) -> list[list[StackFrame]]:
+           run: Callable[[Sequence[int]], list[Frames]]) -> list[Frames]:
     """Look each distinct address up once; sampled stacks repeat hot addresses a lot.
 
-    Frames are immutable, so repeats share them; each gets its own list.
+    Frames are immutable, so repeats share them.
     """
     unique = list(dict.fromkeys(addrs))
     if len(unique) == len(addrs):
@@ -626,7 +631,7 @@ def _can_read_map_files() -> bool:
 
 
 def _convert(b: _Binding, res: Any, addrs: Sequence[int],
-             adjust: Optional[Sequence[int]]) -> list[list[StackFrame]]:
+             adjust: Optional[Sequence[int]]) -> list[Frames]:
     """Copy a blaze_syms result into Python objects, then free it."""
     try:
         return _copy_syms(b, res, addrs, adjust)
@@ -635,7 +640,7 @@ def _convert(b: _Binding, res: Any, addrs: Sequence[int],
 
 
 def _copy_syms(b: _Binding, res: Any, addrs: Sequence[int],
-               adjust: Optional[Sequence[int]]) -> list[list[StackFrame]]:
+               adjust: Optional[Sequence[int]]) -> list[Frames]:
     """The hot loop: read every field we need out of the C result.
 
     Strings repeat a lot within one result (one module, a few source files,
@@ -661,7 +666,7 @@ def _copy_syms(b: _Binding, res: Any, addrs: Sequence[int],
             p = paths[key] = os.fsdecode(os.path.join(dir_b, file_b) if dir_b else file_b)
         return p
 
-    out: list[list[StackFrame]] = []
+    out: list[Frames] = []
     append = out.append
     for i in range(res.cnt):
         s = syms[i]
