@@ -77,6 +77,24 @@ class Event:
                 f" {self.probe.label} " + " ".join(parts)).rstrip()
 
 
+_new = object.__new__
+
+
+def make_event(ts_ns: int, pid: int, tid: int, comm: str, probe: ProbeInfo,
+               args: tuple[Any, ...], site: int = 0,
+               raw_stack: Optional[tuple[int, ...]] = None) -> Event:
+    """An :class:`Event` built without the frozen-dataclass ``__init__``.
+
+    That ``__init__`` calls ``object.__setattr__`` once per field (~0.8 us);
+    the decoder builds hundreds of thousands of events a second, so it fills
+    the instance dict in one step instead (~0.35 us). Same object either way.
+    """
+    ev = _new(Event)
+    ev.__dict__.update(ts_ns=ts_ns, pid=pid, tid=tid, comm=comm, probe=probe, args=args,
+                       site=site, stack=None, raw_stack=raw_stack)
+    return ev
+
+
 @dataclass(frozen=True)
 class RawBatch:
     """Records of one probe string as ``struct`` decoded them: no per-event objects.

@@ -39,7 +39,7 @@ from apptrace.codegen import (
     table_row,
 )
 from apptrace.errors import ApptraceError, ElfError, NoProbesError, ProbeNotFoundError
-from apptrace.events import Event, ProbeInfo, RawBatch, Stats, Unavailable
+from apptrace.events import Event, ProbeInfo, RawBatch, Stats, Unavailable, make_event
 from apptrace.probes import ArgType, ProbeSpec, parse_probe
 from apptrace.procs import ProcessRef, mapped_objects, resolve_binary
 from apptrace.semaphores import ProcMemSemaphores
@@ -738,7 +738,7 @@ class Session:
             stack_ips = None
             if plan.stack_depth:
                 stack_ips = tuple(rec[stack_base:stack_base + max(0, nstack) // 8])
-            append(Event(ts, pid, tid, name, info, args, site, None, stack_ips))
+            append(make_event(ts, pid, tid, name, info, args, site, stack_ips))
         if plan.stack_depth and self.symbolize:
             anchors = []
             for r in recs:

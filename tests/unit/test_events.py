@@ -1,0 +1,30 @@
+"""Events: the fast constructor makes the same frozen object as the dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from apptrace.events import Event, ProbeInfo, Unavailable, make_event
+
+
+def test_make_event_equals_the_dataclass_constructor() -> None:
+    p = ProbeInfo("usdt", "/bin/x", "prov:name", "usdt:prov:name", 2)
+    fast = make_event(10, 20, 21, "x", p, (1, "s", Unavailable("why")), 1, (0x10, 0x20))
+    slow = Event(10, 20, 21, "x", p, (1, "s", Unavailable("why")), 1, None, (0x10, 0x20))
+    assert fast == slow and hash(fast.probe) == hash(slow.probe)
+    assert repr(fast) == repr(slow)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.pid = 3  # type: ignore[misc]
+    assert dataclasses.replace(fast, site=0).site == 0
+
+
+def test_event_json_marks_unavailable_arguments() -> None:
+    p = ProbeInfo("uprobe", "/bin/x", "f", "uprobe:/bin/x:f")
+    ev = make_event(1, 2, 3, "c", p, (5, Unavailable("memory read faulted"), "s"))
+    doc = json.loads(json.dumps(ev.to_json()))
+    assert doc == {"ts_ns": 1, "pid": 2, "tid": 3, "comm": "c", "probe": "uprobe:f",
+                   "args": [5, None, "s"], "unavailable": {"1": "memory read faulted"}}
+    assert "<unavailable: memory read faulted>" in ev.format()
