@@ -10,13 +10,13 @@ usdt_inline builds this is well over 100k events, all of which must match.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
 import pytest
+from helpers import OutputDrain
 
 from apptrace.events import Event, Unavailable
 from apptrace.session import Session
@@ -63,25 +63,6 @@ ARGS_SPECS = {
 }
 
 
-class _Drain:
-    """Read a child's stdout to the end on a thread (its output exceeds a pipe)."""
-
-    def __init__(self, child: Any) -> None:
-        self.child = child
-        self.text = ""
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-
-    def _run(self) -> None:
-        self.text = self.child.proc.stdout.read()
-
-    def lines(self, timeout: float = 60) -> list[str]:
-        self._t.join(timeout)
-        assert not self._t.is_alive(), "fixture output did not end"
-        assert self.child.proc.wait(timeout) == 0, self.child.proc.stderr.read()
-        return self.text.splitlines()
-
-
 def _trace_run(spawn: Any, binary: Path, count: int, specs: list[str],
                budget: float = 60.0, arg_tables: Optional[bool] = None,
                ) -> tuple[list[Event], Any, list[str], Session]:
@@ -93,7 +74,7 @@ def _trace_run(spawn: Any, binary: Path, count: int, specs: list[str],
             s.add(spec)
         s.start()
         child.send("\n")
-        drain = _Drain(child)
+        drain = OutputDrain(child)
         t0 = time.monotonic()
         events = list(s.events(timeout=budget))
         assert time.monotonic() - t0 < budget, "events() did not end when the target exited"

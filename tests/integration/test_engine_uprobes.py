@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from helpers import OutputDrain
 
 from apptrace.events import Event
 from apptrace.session import Session
@@ -22,23 +22,6 @@ COUNT = 800
 U64 = (1 << 64) - 1
 
 
-class _Drain:
-    def __init__(self, child: Any) -> None:
-        self.child = child
-        self.text = ""
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-
-    def _run(self) -> None:
-        self.text = self.child.proc.stdout.read()
-
-    def lines(self, timeout: float = 60) -> list[str]:
-        self._t.join(timeout)
-        assert not self._t.is_alive(), "fixture output did not end"
-        assert self.child.proc.wait(timeout) == 0
-        return self.text.splitlines()
-
-
 def _run_traced(spawn: Any, binary: Path, count: int,
                 specs: list[str]) -> tuple[list[Event], list[str], Session]:
     child = spawn([binary, count, "wait"])
@@ -47,7 +30,7 @@ def _run_traced(spawn: Any, binary: Path, count: int,
             s.add(spec)
         s.start()
         child.send("\n")
-        drain = _Drain(child)
+        drain = OutputDrain(child)
         events = list(s.events(timeout=60))
         printed = drain.lines()
         assert s.stats().lost == 0

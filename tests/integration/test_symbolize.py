@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from helpers import require_symbolizer
 
 from apptrace.errors import SymbolizerError
-from apptrace.symbolize import Symbolizer, library_path
+from apptrace.symbolize import Symbolizer
 
 CHILD_SOURCE = r"""
 #include <execinfo.h>
@@ -61,16 +62,6 @@ int main(void) {
 """
 
 
-def _library_or_skip() -> None:
-    """Skip without a built library, except in CI where that is a failure."""
-    try:
-        library_path()
-    except SymbolizerError as exc:
-        if os.environ.get("CI") == "true" or os.environ.get("APPTRACE_REQUIRE_BPF") == "1":
-            pytest.fail(f"blazesym library missing in CI: {exc}")
-        pytest.skip(f"blazesym not built: {exc}")
-
-
 def marker_line(mark: str) -> int:
     pattern = re.compile(rf"MARK:{re.escape(mark)}\b")
     for number, text in enumerate(CHILD_SOURCE.splitlines(), start=1):
@@ -101,7 +92,7 @@ class Child:
 
 @pytest.fixture(scope="module")
 def child_exe(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    _library_or_skip()
+    require_symbolizer()
     if shutil.which("gcc") is None:
         pytest.skip("gcc not installed")
     tmp = tmp_path_factory.mktemp("bzchild")

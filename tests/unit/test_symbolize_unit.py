@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
+from helpers import require_symbolizer
 
 from apptrace.errors import SymbolizerError
-from apptrace.symbolize import StackFrame, Symbolizer, library_path, symbolizer_available
+from apptrace.symbolize import StackFrame, Symbolizer, symbolizer_available
 
 REPO = Path(__file__).resolve().parents[2]
 HEADER = REPO / "build" / "blazesym" / "include" / "blazesym.h"
@@ -69,16 +70,6 @@ int main(int argc, char **) {
 """
 
 
-def _library_or_skip() -> None:
-    """Skip without a built library, except in CI where that is a failure."""
-    try:
-        library_path()
-    except SymbolizerError as exc:
-        if os.environ.get("CI") == "true" or os.environ.get("APPTRACE_REQUIRE_BPF") == "1":
-            pytest.fail(f"blazesym library missing in CI: {exc}")
-        pytest.skip(f"blazesym not built: {exc}")
-
-
 def marker_line(source: str, mark: str) -> int:
     """1-based line of the ``MARK:<mark>`` comment in ``source``."""
     pattern = re.compile(rf"MARK:{re.escape(mark)}\b")
@@ -124,19 +115,19 @@ def compile_program(tmp: Path, source: str, name: str, compiler: str) -> Path:
 
 @pytest.fixture(scope="module")
 def c_prog(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    _library_or_skip()
+    require_symbolizer()
     return compile_program(tmp_path_factory.mktemp("bzc"), C_SOURCE, "bzprog", "gcc")
 
 
 @pytest.fixture(scope="module")
 def cxx_prog(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    _library_or_skip()
+    require_symbolizer()
     return compile_program(tmp_path_factory.mktemp("bzcxx"), CXX_SOURCE, "bzcxx", "g++")
 
 
 @pytest.fixture(scope="module")
 def symz() -> Iterator[Symbolizer]:
-    _library_or_skip()
+    require_symbolizer()
     with Symbolizer() as s:
         yield s
 
@@ -284,7 +275,7 @@ def test_bad_addresses(symz: Symbolizer, c_prog: Path) -> None:
 
 def test_auto_reload_sees_rebuilt_file(tmp_path: Path) -> None:
     """With auto_reload a binary rebuilt at the same path is re-read."""
-    _library_or_skip()
+    require_symbolizer()
     first = compile_program(tmp_path, C_SOURCE, "prog", "gcc")
     start = symbols(first)["bz_outer"][0]
     with Symbolizer(auto_reload=True) as s:
@@ -360,7 +351,7 @@ def test_unloadable_library_env_var(monkeypatch: pytest.MonkeyPatch, tmp_path: P
 
 
 def test_symbolizer_available() -> None:
-    _library_or_skip()
+    require_symbolizer()
     ok, detail = symbolizer_available()
     assert ok, detail
     assert "libblazesym_c" in detail
@@ -401,7 +392,7 @@ def test_threads_share_one_symbolizer(c_prog: Path) -> None:
 
 def test_cdef_layout_matches_header(tmp_path: Path) -> None:
     """ABI mode trusts our cdef: compare its layout with the real header's."""
-    _library_or_skip()
+    require_symbolizer()
     if not HEADER.is_file() or shutil.which("gcc") is None:
         pytest.skip("blazesym.h or gcc missing")
     from apptrace import symbolize
