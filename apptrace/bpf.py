@@ -1,6 +1,8 @@
 """The one module that imports bcc, and the kernel calls bcc gets wrong or lacks.
 
-bcc compiles and loads our generated C. Attaching goes around bcc's Python:
+bcc compiles our generated C; the bytecode is then loaded (and cached) by
+:mod:`apptrace.bpfobj` with raw ``bpf(2)``, so bcc is not even imported when
+the cache has the program. Attaching goes around bcc's Python:
 - ``bpf_attach_uprobe`` is declared here with its real 7 parameters (bcc's
   ``libbcc.py`` declares 6, so ``ref_ctr_offset`` is stack garbage there);
 - uprobe_multi links are made with the raw ``bpf(BPF_LINK_CREATE)`` syscall:
