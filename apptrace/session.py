@@ -12,6 +12,7 @@ Lifecycle: ``Session(...)`` → ``add()``/``usdt()``/``uprobe()``/``uretprobe()`
 from __future__ import annotations
 
 import atexit
+import bisect
 import collections
 import fnmatch
 import os
@@ -173,6 +174,8 @@ class Session:
         self.arg_tables = arg_tables
         self.batch_interval = max(0.0, batch_ms / 1000)
         self._last_drain = 0.0
+        self._drain_started_ns = 0
+        self._held: list[Event] = []  # decoded, stamped after the last drain began
         self._handles: list[ProbeHandle] = []
         self._groups: list[_Group] = []
         self._program: Any = None
@@ -649,6 +652,9 @@ class Session:
             if not any(g.ring.pending() for g in self._groups if g.ring is not None):
                 self._epoll.poll(timeout if timeout is not None else -1)
         self._last_drain = time.monotonic()
+        # bpf_ktime_get_ns() is CLOCK_MONOTONIC: events stamped before this
+        # instant were reserved before any ring below is read.
+        self._drain_started_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         out = []
         with self._lock:
             for g in self._groups:
@@ -664,15 +670,32 @@ class Session:
                     out.append((g, recs))
         return out
 
-    def poll(self, timeout: Optional[float] = None) -> list[Event]:
-        """Wait up to ``timeout`` seconds; return the events that arrived, decoded."""
-        events: list[Event] = []
+    def poll(self, timeout: Optional[float] = None, *, flush: bool = False) -> list[Event]:
+        """Wait up to ``timeout`` seconds; return the events that arrived, in time order.
+
+        Each probe string has its own ring, and the rings are drained one after
+        the other; an event that lands in an already-drained ring while a later
+        one is read would come out of order (a function's return before its
+        entry). So only events stamped before the drain began are returned;
+        later ones wait for the next call. ``flush`` (or the target being gone)
+        returns everything.
+        """
+        # A target already gone before this drain can add nothing later.
+        final = flush or not self.target_alive()
         batches = self._poll_groups(timeout)
+        events = self._held
+        self._held = []
         for g, recs in batches:
             events.extend(self._decode(g, recs))
-        if len(batches) > 1:
-            events.sort(key=lambda e: e.ts_ns)  # one ring per group: merge by time
-        return events
+        if sum(1 for g in self._groups if g.ring is not None) < 2:
+            return events  # one ring keeps its own order
+        events.sort(key=lambda e: e.ts_ns)
+        if final:
+            return events
+        cut = self._drain_started_ns
+        ready = bisect.bisect_right([e.ts_ns for e in events], cut)
+        self._held = events[ready:]
+        return events[:ready]
 
     def events(self, timeout: Optional[float] = None, *, idle: float = 0.2) -> Iterator[Event]:
         """Yield events until ``timeout`` seconds pass (None: until the target exits)."""
@@ -681,6 +704,7 @@ class Session:
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
+                yield from self.poll(0, flush=True)  # what has arrived by the deadline
                 return
             alive = self.target_alive()
             got = self.poll(min(idle, remaining) if remaining is not None else idle)

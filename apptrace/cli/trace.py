@@ -111,6 +111,12 @@ class TraceCommand(Command):
                         break
             except KeyboardInterrupt:
                 pass
+            if args.count is None or n < args.count:
+                for ev in session.poll(0, flush=True):  # held back for ordering
+                    _emit(ev, out, args.json)
+                    n += 1
+                    if args.count is not None and n >= args.count:
+                        break
             if args.folded:
                 for key, c in sorted(session.folded().items(), key=lambda kv: -kv[1]):
                     out.write(f"{key} {c}\n")

@@ -34,3 +34,33 @@ def test_sessions_are_single_use(fixtures_dir):  # type: ignore[no-untyped-def]
     with pytest.raises(ApptraceError, match="single-use"):
         s.start()
     assert s.stats().per_probe == {"usdt:apptrace_fx:early": 1}  # still readable
+
+
+def test_typed_add_methods_and_callback_reading(fixtures_dir):  # type: ignore[no-untyped-def]
+    binary = str(fixtures_dir / "uprobe_funcs_nopie")
+    seen = []
+    with Session(command=[binary, "4"]) as s:
+        neg = s.uprobe(binary, "fx_neg", types="int")
+        ret = s.uretprobe(binary, "fx_neg", type="int")
+        greet = s.uprobe(binary, "fx_gre*", types="str")
+        stats = s.run(seen.append, duration=20)
+    assert [p.name for p in neg.probes] == ["fx_neg"] and greet.probes[0].name == "fx_greet"
+    args = [(e.probe.label, e.args[0]) for e in seen if e.probe.name == "fx_neg"]
+    # Each call's argument, then its return value: x, then -x.
+    assert len(args) == 8
+    for (k1, x), (k2, r) in zip(args[::2], args[1::2]):
+        assert (k1, k2) == ("uprobe:fx_neg", "uretprobe:fx_neg") and r == -x
+    assert all(e.args[0].startswith("user") for e in seen if e.probe.name == "fx_greet")
+    assert neg.count == ret.count == 4 and greet.count == 4
+    assert stats.events == len(seen) == 12
+
+
+def test_usdt_method_with_types(fixtures_dir, spawn):  # type: ignore[no-untyped-def]
+    child = spawn([fixtures_dir / "usdt_args_pie", 2, "wait"])
+    with Session(pid=child.pid) as s:
+        h = s.usdt("apptrace_fx", "strs", types="str,str")
+        s.start()
+        child.send()
+        events = list(s.events(timeout=10))
+    printed = [ln.split()[1:] for ln in child.finish() if ln.startswith("strs ")]
+    assert [list(e.args) for e in events] == printed and h.count == 2
