@@ -501,7 +501,7 @@ class Session:
         from apptrace.errors import TracePermissionError
 
         if not capabilities.has_trace_privileges():
-            raise TracePermissionError("tracing needs root or CAP_BPF+CAP_PERFMON")
+            raise TracePermissionError("not allowed to load BPF programs or attach uprobes")
         t0 = time.monotonic()
         self._state = "starting"
         _live.add(self)

@@ -291,9 +291,20 @@ def test_command_never_runs_when_attach_fails(fixtures_dir: Path, tmp_path: Path
     assert ran == [False, False, False]
 
 
+_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+# Root with every capability dropped: for a checkout nobody may not enter
+# (a clone under a 0700 directory); the kernel refuses it the same way.
+_NO_CAPS = ["setpriv", "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all"]
+
+
+def _unprivileged() -> list[str]:
+    r = subprocess.run([*_NOBODY, str(VENV_PY), "-c", "import apptrace"], capture_output=True,
+                       cwd="/tmp", env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    return _NOBODY if r.returncode == 0 else _NO_CAPS
+
+
 def _as_nobody(args: list[str], *, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                           str(VENV_PY), "-m", "apptrace", *args],
+    return subprocess.run([*_unprivileged(), str(VENV_PY), "-m", "apptrace", *args],
                           capture_output=True, text=True, timeout=timeout, cwd="/tmp",
                           env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
 
