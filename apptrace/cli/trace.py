@@ -78,12 +78,12 @@ class TraceCommand(Command):
             stopping["flag"] = True
 
         old = signal.signal(signal.SIGTERM, on_term)
-        session = Session(pid=args.pid, path=args.path, command=command,
-                          semaphores=args.semaphores, str_max=args.str_max,
-                          ringbuf_kb=args.ring_mb * 1024 if args.ring_mb else None,
-                          symbolize=True)
+        session: Optional[Session] = None
         n = 0
         try:
+            session = Session(pid=args.pid, path=args.path, command=command,
+                              semaphores=args.semaphores, str_max=args.str_max,
+                              ringbuf_kb=args.ring_mb * 1024 if args.ring_mb else None)
             for p in args.probes:
                 session.add(p, stack=args.stack, fold=args.folded)
             session.start()
@@ -124,7 +124,8 @@ class TraceCommand(Command):
         finally:
             signal.signal(signal.SIGTERM, old)
             try:
-                session.close()
+                if session is not None:
+                    session.close()
             finally:
                 if out is not sys.stdout:
                     out.close()
