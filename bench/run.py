@@ -3,10 +3,10 @@
 
 A module takes part when its file is ``bench/bench_*.py`` and it exposes
 ``run(quick: bool) -> dict``; if it also has ``format_table(result) -> str``
-that prints its table, otherwise the result is printed as JSON. Modules known
-to be on their way (bench_engine, bench_usdt_list, bench_symbolize) are
-reported as skipped when their file is absent. One module failing does not
-stop the others; all results go to build/bench.json.
+that prints its table, otherwise the result is printed as JSON. The three
+issue benchmarks (bench_engine, bench_usdt_list, bench_symbolize) run first.
+One module failing does not stop the others; all results go to
+build/bench.json.
 
 Usage: python bench/run.py [--quick] [--only NAME ...] [--output FILE]
 """
