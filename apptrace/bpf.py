@@ -82,13 +82,13 @@ def _compiler_id() -> str:
     return "bcc"
 
 
-def compile_c(text: str, cflags: Sequence[str] = ()) -> CompiledObject:
+def compile_c(text: str) -> CompiledObject:
     """Compile with bcc and keep the bytecode; bcc's own maps are dropped."""
     bcc = import_bcc()
     lib = bcc.libbcc.lib
     try:
         with _captured_stderr() as noise:
-            b = bcc.BPF(text=text.encode(), cflags=list(cflags))
+            b = bcc.BPF(text=text.encode())
     except Exception as err:  # bcc raises bare Exception; clang's text went to fd 2
         detail = noise.text().strip().splitlines()[-3:]
         if detail:
@@ -132,12 +132,12 @@ class Program:
     before on this kernel, else from bcc (and is then cached).
     """
 
-    def __init__(self, text: str, cflags: Sequence[str] = ()) -> None:
-        key = cache_key(text + "\0" + " ".join(cflags), _compiler_id())
+    def __init__(self, text: str) -> None:
+        key = cache_key(text, _compiler_id())
         obj = cache_get(key)
         self.from_cache = obj is not None
         if obj is None:
-            obj = compile_c(text, cflags)
+            obj = compile_c(text)
             cache_put(key, obj)
         self.obj = LoadedObject(obj)
         self._fds: list[int] = []

@@ -8,7 +8,7 @@ works for callers who do not know apptrace.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 __all__ = [
     "ApptraceError",
@@ -39,9 +39,18 @@ class ApptraceError(Exception):
             return f"{self.message} ({self.hint})"
         return self.message
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        # Keyword-only fields differ per subclass; rebuild from the message.
-        return (ApptraceError, (self.message,), {"hint": self.hint, **self.__dict__})
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Subclasses take different keyword-only fields, so pickling (say, to
+        # a multiprocessing parent) restores the instance state directly.
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(cls: type[ApptraceError], args: tuple[Any, ...],
+             state: dict[str, Any]) -> ApptraceError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, *args)
+    err.__dict__.update(state)
+    return err
 
 
 class ElfError(ApptraceError, ValueError):

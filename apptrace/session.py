@@ -18,6 +18,7 @@ import fnmatch
 import os
 import select
 import shlex
+import signal
 import struct
 import subprocess
 import sys
@@ -39,7 +40,14 @@ from apptrace.codegen import (
     render,
     table_row,
 )
-from apptrace.errors import ApptraceError, ElfError, NoProbesError, ProbeNotFoundError
+from apptrace.errors import (
+    ApptraceError,
+    ElfError,
+    NoProbesError,
+    ProbeNotFoundError,
+    ProbeSpecError,
+    TracePermissionError,
+)
 from apptrace.events import Event, ProbeInfo, RawBatch, Stats, Unavailable, make_event
 from apptrace.probes import ArgType, ProbeSpec, parse_probe
 from apptrace.procs import ProcessRef, mapped_objects, resolve_binary
@@ -163,6 +171,7 @@ class Session:
         if self.path is not None:
             ElfImage(self.path).close()  # a clear error now for a non-ELF path
         self.command = list(command) if command is not None else None
+        self._command_exe: Optional[str] = None  # resolved at start()
         self.semaphore_mode = semaphores
         self.str_max = max(8, (int(str_max) + 7) & ~7)
         self.ringbuf_kb = ringbuf_kb
@@ -196,6 +205,7 @@ class Session:
         self._thread_names: dict[int, str] = {}  # tid -> comm of its latest full record
         self._hold_armed = False
         self._folded_final: dict[str, int] = {}
+        self._final_warnings: list[str] = []
 
     # -- building -----------------------------------------------------------
 
@@ -238,9 +248,6 @@ class Session:
 
     # -- resolution -----------------------------------------------------------
 
-    def _pid_for_lookup(self) -> Optional[int]:
-        return self.target.pid if self.target else None
-
     def _image(self, path: str) -> ElfImage:
         img = self._images.get(path)
         if img is None:
@@ -256,7 +263,7 @@ class Session:
 
     def _binaries(self, spec: ProbeSpec) -> list[tuple[str, str]]:
         """(path to open/attach, path to show) candidates for a spec."""
-        pid = self._pid_for_lookup()
+        pid = self.target.pid if self.target else None
         if spec.binary:
             p = resolve_binary(spec.binary, pid)
             shown = p[len(f"/proc/{pid}/root"):] if pid and p.startswith("/proc/") else p
@@ -265,9 +272,8 @@ class Session:
             return [(real, shown) for shown, real in mapped_objects(self.target.pid)]
         if self.path is not None:
             return [(self.path, self.path)]
-        if self.command is not None:
-            exe = resolve_binary(self.command[0])
-            return [(exe, exe)]
+        if self._command_exe is not None:
+            return [(self._command_exe, self._command_exe)]
         raise ProbeNotFoundError(f"{spec.text}: no binary given and no target to search",
                                  probe=spec.text,
                                  hint="name the binary (usdt:BINARY:PROVIDER:NAME) or give"
@@ -366,8 +372,6 @@ class Session:
         types = spec.types or ((_DEFAULT_RET_TYPE,) if ret else (_DEFAULT_UPROBE_TYPE,) * 6)
         regs = ("ax",) if ret else _UPROBE_REGS
         if len(types) > len(regs):
-            from apptrace.errors import ProbeSpecError
-
             raise ProbeSpecError(spec.text, f"at most {len(regs)} argument types")
         reads, slots, nstr = [], [], 0
         for i, t in enumerate(types):
@@ -417,10 +421,10 @@ class Session:
             pass
         os.close(self._release_fd)
         self._release_fd = None
-        # Return once the command has replaced the holding shell, so that
+        # Return once the command has replaced the holding shim, so that
         # /proc/PID describes the command (its maps, its exe) from now on.
-        assert self._child is not None and self.command is not None
-        want = os.path.realpath(resolve_binary(self.command[0]))
+        assert self._child is not None and self._command_exe is not None
+        want = os.path.realpath(self._command_exe)
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline and self._child.poll() is None:
             try:
@@ -452,8 +456,8 @@ class Session:
 
     def _attach_entry_hold(self, prog: Any) -> None:
         """Stop the spawned command at its ELF entry point, once, for a snapshot."""
-        assert self.command is not None and self._child is not None
-        exe = resolve_binary(self.command[0])
+        assert self._command_exe is not None and self._child is not None
+        exe = self._command_exe
         img = self._image(exe)
         entry = img.vaddr_to_offset(img.elf.header["e_entry"], executable=True)
         if entry is None:
@@ -488,7 +492,7 @@ class Session:
             self._symbolizer.watch(pid, force=True)
         finally:
             if stopped:
-                os.kill(pid, 18)  # SIGCONT
+                os.kill(pid, signal.SIGCONT)
 
     def start(self) -> None:
         """Resolve every probe, compile once, attach, then release a held command."""
@@ -498,8 +502,6 @@ class Session:
             return
         if not self._handles:
             raise ApptraceError("no probes added")
-        from apptrace.errors import TracePermissionError
-
         if not capabilities.has_trace_privileges():
             raise TracePermissionError("not allowed to load BPF programs or attach uprobes")
         t0 = time.monotonic()
@@ -508,23 +510,19 @@ class Session:
         try:
             if self.command is not None:
                 try:
-                    resolve_binary(self.command[0])
+                    self._command_exe = resolve_binary(self.command[0])
                 except ProbeNotFoundError as err:
                     raise ApptraceError(f"cannot run {self.command[0]!r}: command not found"
                                         ) from err
-                # Resolve against the command's binary before it runs.
-                for i, h in enumerate(self._handles):
-                    g = _Group(i, h)
-                    self._resolve(h, g)
-                    self._groups.append(g)
+            elif self.target is not None:
+                self.target.check()
+            # A command's probes resolve against its binary before it runs.
+            for i, h in enumerate(self._handles):
+                g = _Group(i, h)
+                self._resolve(h, g)
+                self._groups.append(g)
+            if self.command is not None:
                 self._spawn()
-            else:
-                if self.target is not None:
-                    self.target.check()
-                for i, h in enumerate(self._handles):
-                    g = _Group(i, h)
-                    self._resolve(h, g)
-                    self._groups.append(g)
             self._compile_and_attach()
             if self._wants_stacks and self.symbolize:
                 tracker = self._tracker()  # made now, so polling keeps maps fresh
@@ -678,7 +676,8 @@ class Session:
         one is read would come out of order (a function's return before its
         entry). So only events stamped before the drain began are returned;
         later ones wait for the next call. ``flush`` (or the target being gone)
-        returns everything.
+        returns everything: call ``poll(0, flush=True)`` once before closing a
+        session whose target still runs (``events()`` does this itself).
         """
         # A target already gone before this drain can add nothing later.
         final = flush or not self.target_alive()
@@ -926,6 +925,14 @@ class Session:
             return out
 
     @property
+    def warnings(self) -> list[str]:
+        """Problems that cost detail but not events (stacks that could not be
+        symbolized, a JVM perf map that could not be written), latest last."""
+        if self._symbolizer is not None:
+            self._final_warnings = list(self._symbolizer.errors)
+        return list(self._final_warnings)
+
+    @property
     def probes(self) -> list[ProbeInfo]:
         return [p.info for g in self._groups for p in g.probes]
 
@@ -970,6 +977,7 @@ class Session:
         if self._child is not None:
             self._stop_child()
         if self._symbolizer is not None:
+            self._final_warnings = list(self._symbolizer.errors)
             self._symbolizer.close()
             self._symbolizer = None
         for img in self._images.values():

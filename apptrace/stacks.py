@@ -118,6 +118,7 @@ class StackTracker:
         self.symbolizer = Symbolizer()
         self._cached: dict[int, float] = {}
         self._perfmap: dict[int, float] = {}
+        self._jvm: dict[int, bool] = {}
         self.errors: collections.deque[str] = collections.deque(maxlen=100)  # latest problems
 
     def watch(self, pid: int, *, force: bool = False) -> None:
@@ -126,7 +127,10 @@ class StackTracker:
         last = self._cached.get(pid)
         if not force and last is not None and now - last < self.REFRESH:
             return
-        if is_jvm(pid) and now - self._perfmap.get(pid, -1e9) > self.PERFMAP_EVERY:
+        jvm = self._jvm.get(pid)
+        if jvm is None:  # read the maps once per process, not at every refresh
+            jvm = self._jvm[pid] = is_jvm(pid)
+        if jvm and now - self._perfmap.get(pid, -1e9) > self.PERFMAP_EVERY:
             self._perfmap[pid] = now
             try:
                 write_perf_map(pid)

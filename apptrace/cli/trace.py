@@ -121,6 +121,7 @@ class TraceCommand(Command):
                 for key, c in sorted(session.folded().items(), key=lambda kv: -kv[1]):
                     out.write(f"{key} {c}\n")
             stats = session.stats()
+            warnings = session.warnings
         finally:
             signal.signal(signal.SIGTERM, old)
             try:
@@ -134,6 +135,9 @@ class TraceCommand(Command):
         if not args.quiet:
             _summary(stats, sys.stderr, session.exit_status,
                      printed=n if args.count is not None else None)
+            if warnings:
+                print(f"apptrace: warning: {len(warnings)} problem(s) while symbolizing;"
+                      f" last: {warnings[-1]}", file=sys.stderr)
         return 0
 
 

@@ -178,11 +178,6 @@ class ElfImage:
                 return offset - off + start
         return None
 
-    def load_bias_offset(self) -> int:
-        """p_vaddr - p_offset of the first PT_LOAD (for /proc/PID/maps math)."""
-        if not self.loads:
-            return 0
-        return self.loads[0][0] - self.loads[0][2]
 
     # -- sections ----------------------------------------------------------
 

@@ -185,6 +185,8 @@ def test_system_wide_short_lived_process_resolved_through_the_probe_binary(  # t
             events += s.poll(0.2)
             if events:
                 break
+        # The failed process lookup is reported, not swallowed.
+        assert any("process" in w for w in s.warnings), s.warnings
     assert len(events) == 1
     frames = events[0].stack or ()
     # The probe IP anchors the binary's load bias: its own frames still resolve...
