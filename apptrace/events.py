@@ -121,8 +121,14 @@ class Stats:
     read_faults: int = 0
     per_probe: dict[str, int] = field(default_factory=dict)
     lost_per_probe: dict[str, int] = field(default_factory=dict)
+    # Records the decoder could not read (their size is not the layout's: a
+    # bug in apptrace, not a full ring), in total and per probe.
+    decode_errors: int = 0
+    decode_errors_per_probe: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"events": self.events, "lost": self.lost,
                 "truncated_strings": self.truncated_strings, "read_faults": self.read_faults,
-                "per_probe": dict(self.per_probe), "lost_per_probe": dict(self.lost_per_probe)}
+                "per_probe": dict(self.per_probe), "lost_per_probe": dict(self.lost_per_probe),
+                "decode_errors": self.decode_errors,
+                "decode_errors_per_probe": dict(self.decode_errors_per_probe)}

@@ -13,13 +13,18 @@ Each record is an 8-byte header (``len`` with a BUSY bit while the producer
 still writes it and a DISCARD bit, then a page offset) followed by ``len``
 bytes, the total rounded up to 8. A group's records all have one size, so a
 contiguous run of them is decoded with one ``struct.iter_unpack``.
+
+A record of another size means the BPF side and the decoder disagree on the
+layout (a bug, never a full ring): it is skipped and counted per probe in
+:attr:`RingReader.decode_errors`, keyed by the probe index read from the
+record's own header when the reader knows where that field is.
 """
 
 from __future__ import annotations
 
 import mmap
 import struct
-from typing import Any
+from typing import Any, Optional
 
 __all__ = ["RingReader"]
 
@@ -31,7 +36,8 @@ _U32 = struct.Struct("<I")
 class RingReader:
     """Consumer side of one ring buffer map whose records share one layout."""
 
-    def __init__(self, map_fd: int, size: int, record: struct.Struct) -> None:
+    def __init__(self, map_fd: int, size: int, record: struct.Struct, *,
+                 probe_offset: Optional[int] = None) -> None:
         page = mmap.PAGESIZE
         self.fd = map_fd
         self.size = size
@@ -52,7 +58,12 @@ class RingReader:
         # record header (len, pgoff) skipped, payload, padding: for stride decoding
         self._payload = struct.Struct("<8x" + record.format.lstrip("<@=!>")
                                       + f"{self.stride - 8 - record.size}x")
+        # Records the producer threw away (bpf_ringbuf_discard): not data.
         self.discarded = 0
+        # Records whose size is not the layout's, by probe index (-1: unknown),
+        # the index read as a u32 at ``probe_offset`` in the record.
+        self.decode_errors: dict[int, int] = {}
+        self.probe_offset = probe_offset
 
     def pending(self) -> int:
         return int(self._prod_q[0] - self._cons_q[0])
@@ -88,14 +99,23 @@ class RingReader:
             if hdr & _BUSY:
                 break
             length = hdr & ~(_BUSY | _DISCARD)
-            if not hdr & _DISCARD and length == self.record.size:
+            if hdr & _DISCARD:
+                self.discarded += 1
+            elif length == size:
                 out.append(self.record.unpack_from(view, base + (cons & self.mask) + 8))
             else:
-                self.discarded += 1
+                self._bad_size(base + (cons & self.mask) + 8, length)
             cons += (length + 8 + 7) & ~7
         if cons != start_cons:
             self._cons_q[0] = cons
         return out
+
+    def _bad_size(self, payload: int, length: int) -> None:
+        probe = -1
+        at = self.probe_offset
+        if at is not None and length >= at + 4:
+            probe = _U32.unpack_from(self._view, payload + at)[0]
+        self.decode_errors[probe] = self.decode_errors.get(probe, 0) + 1
 
     def close(self) -> None:
         self._cons_q.release()

@@ -68,6 +68,7 @@ TABLE_THRESHOLD = 16  # argument layouts in one group before specs go in a map
 _SPEC_ARG = struct.Struct("<BBBBHHqQ")  # struct apptrace_arg
 _FOLD_KEY = struct.Struct("<IIIi16s")   # struct gN_key: pid, probe, site, stack id, comm
 _U32 = struct.Struct("<I")
+_PROBE_AT = struct.calcsize(HEADER.format[:4])  # offset of the probe index: ts, pid, tid
 
 
 @dataclass
@@ -597,7 +598,8 @@ class Session:
             if g.plan.fold:
                 continue
             ring_fd = prog.map_fd(f"{g.plan.name}_rb")
-            g.ring = RingReader(ring_fd, g.plan.ringbuf_pages * 4096, g.plan.event_struct())
+            g.ring = RingReader(ring_fd, g.plan.ringbuf_pages * 4096, g.plan.event_struct(),
+                                probe_offset=_PROBE_AT)
             self._epoll.register(ring_fd, select.EPOLLIN)
 
     @staticmethod
@@ -865,8 +867,13 @@ class Session:
                     if n:
                         out.lost_per_probe[p.info.label] = n
                     out.lost += n
-                if g.ring is not None:
-                    out.lost += g.ring.discarded
+                if g.ring is not None:  # records of the wrong size: not a full ring
+                    for pi, n in g.ring.decode_errors.items():
+                        label = (g.probes[pi].info.label if 0 <= pi < len(g.probes)
+                                 else g.handle.spec.text)
+                        per = out.decode_errors_per_probe
+                        per[label] = per.get(label, 0) + n
+                        out.decode_errors += n
                 if g.handle.fold:
                     for p in g.probes:
                         out.per_probe.setdefault(p.info.label, 0)

@@ -166,13 +166,21 @@ def _summary(st: Stats, err: TextIO, status: Optional[int],
         parts.append(f"{st.truncated_strings} strings truncated (raise --str-max)")
     if st.read_faults:
         parts.append(f"{st.read_faults} argument reads faulted")
+    if st.decode_errors:
+        parts.append(f"{st.decode_errors} records not decoded (wrong size: an apptrace bug,"
+                     " please report it)")
     err.write("apptrace: " + ", ".join(parts) + "\n")
     for label, c in sorted(st.per_probe.items()):
         lost = st.lost_per_probe.get(label, 0)
-        err.write(f"  {label}: {c}" + (f" ({lost} lost)" if lost else "") + "\n")
+        bad = st.decode_errors_per_probe.get(label, 0)
+        err.write(f"  {label}: {c}" + (f" ({lost} lost)" if lost else "")
+                  + (f" ({bad} not decoded)" if bad else "") + "\n")
     for label, lost in st.lost_per_probe.items():
         if label not in st.per_probe:
             err.write(f"  {label}: 0 ({lost} lost)\n")
+    for label, bad in st.decode_errors_per_probe.items():
+        if label not in st.per_probe and label not in st.lost_per_probe:
+            err.write(f"  {label}: 0 ({bad} not decoded)\n")
     if status is not None and status < 0:
         err.write(f"apptrace: command ended by {signal.Signals(-status).name}\n")
     elif status is not None:
