@@ -23,6 +23,16 @@ __all__ = [
     "SemaphoreConflictError",
     "BccUnavailableError",
     "SymbolizerError",
+    "OptionError",
+    "SessionStateError",
+    "SpawnError",
+    "CommandNotFoundError",
+    "BinaryNotFoundError",
+    "ElfNotFoundError",
+    "KernelThreadError",
+    "OutputError",
+    "SemaphoreError",
+    "BpfError",
 ]
 
 
@@ -42,13 +52,22 @@ class ApptraceError(Exception):
     def __reduce__(self) -> tuple[Any, ...]:
         # Subclasses take different keyword-only fields, so pickling (say, to
         # a multiprocessing parent) restores the instance state directly.
-        return (_rebuild, (type(self), self.args, self.__dict__))
+        # OSError keeps errno in a slot, not in __dict__.
+        state = dict(self.__dict__)
+        if isinstance(self, OSError):
+            state["errno"] = self.errno
+        return (_rebuild, (type(self), self.args, state))
 
 
 def _rebuild(cls: type[ApptraceError], args: tuple[Any, ...],
              state: dict[str, Any]) -> ApptraceError:
-    err = cls.__new__(cls)
+    # An OSError subclass must be made by OSError's constructor (its instance
+    # layout), whatever base comes first in the class's MRO.
+    new = OSError.__new__ if issubclass(cls, OSError) else Exception.__new__
+    err = new(cls)
     Exception.__init__(err, *args)
+    if issubclass(cls, OSError):
+        err.errno = state.pop("errno", None)  # type: ignore[attr-defined]
     err.__dict__.update(state)
     return err
 
@@ -146,3 +165,113 @@ class SymbolizerError(ApptraceError, RuntimeError):
                  hint: Optional[str] = None) -> None:
         super().__init__(message, hint=hint)
         self.code = code
+
+
+class OptionError(ApptraceError, ValueError):
+    """An option or argument is outside the range apptrace accepts; the message gives it."""
+
+    def __init__(self, option: str, value: Any, expected: str) -> None:
+        super().__init__(f"{option} must be {expected} (got {value!r})")
+        self.option = option
+        self.value = value
+        self.expected = expected
+
+
+class SessionStateError(ApptraceError, RuntimeError):
+    """A session method was called in the wrong phase (added to after start, used after close)."""
+
+
+class SpawnError(ApptraceError, OSError):
+    """A command given to run could not be started."""
+
+    def __init__(self, message: str, *, command: str, errno: int = 0,
+                 hint: Optional[str] = None) -> None:
+        ApptraceError.__init__(self, message, hint=hint)
+        self.command = command
+        self.errno = errno
+
+
+class CommandNotFoundError(SpawnError, FileNotFoundError):
+    """A command given to run is not a path that exists, nor a program on PATH."""
+
+    def __init__(self, command: str) -> None:
+        super().__init__(f"cannot run {command!r}: command not found", command=command,
+                         errno=2, hint="give a path, or check PATH")
+
+
+class BinaryNotFoundError(ProbeNotFoundError, FileNotFoundError):
+    """A binary or library named in a probe or target does not exist."""
+
+    def __init__(self, message: str, *, probe: str, hint: Optional[str] = None) -> None:
+        ProbeNotFoundError.__init__(self, message, probe=probe, hint=hint)
+        self.errno = 2
+
+
+class ElfNotFoundError(ElfError, FileNotFoundError):
+    """The ELF file to read does not exist (or vanished)."""
+
+    def __init__(self, path: str) -> None:
+        ElfError.__init__(self, "no such file", path=path)
+        self.errno = 2
+
+
+class KernelThreadError(ApptraceError, ValueError):
+    """The PID is a kernel thread: it has no user-space code to probe."""
+
+    def __init__(self, pid: int, name: str = "") -> None:
+        what = f" ({name})" if name else ""
+        super().__init__(f"PID {pid}{what} is a kernel thread with no user-space code;"
+                         " nothing there can be traced with uprobes or USDT",
+                         hint="give the PID of a user-space process")
+        self.pid = pid
+        self.name = name
+
+
+class OutputError(ApptraceError, OSError):
+    """An output file cannot be created safely, or writing to it failed."""
+
+    def __init__(self, message: str, *, path: str, errno: int = 0,
+                 hint: Optional[str] = None) -> None:
+        ApptraceError.__init__(self, message, hint=hint)
+        self.path = path
+        self.errno = errno
+
+
+class SemaphoreError(ApptraceError, OSError):
+    """A USDT semaphore could not be located, raised or lowered in a process."""
+
+    def __init__(self, message: str, *, pid: int, errno: int = 0,
+                 hint: Optional[str] = None) -> None:
+        ApptraceError.__init__(self, message, hint=hint)
+        self.pid = pid
+        self.errno = errno
+
+
+class BpfError(ApptraceError, OSError):
+    """The kernel refused a BPF map or program, or a compiled object is not as expected."""
+
+    def __init__(self, message: str, *, errno: int = 0, hint: Optional[str] = None) -> None:
+        ApptraceError.__init__(self, message, hint=hint)
+        self.errno = errno
+
+
+class NotAJvmError(ApptraceError, LookupError):
+    """The process maps no ``libjvm.so``: it is not a HotSpot JVM."""
+
+    def __init__(self, pid: int, name: str = "") -> None:
+        what = f" ({name})" if name else ""
+        super().__init__(f"process {pid}{what} is not a HotSpot JVM: it maps no libjvm.so",
+                         hint="give the PID of the java process (jps or pgrep java)")
+        self.pid = pid
+
+
+class JvmProbesMissingError(ApptraceError, LookupError):
+    """The JDK was built without HotSpot's USDT (DTrace) probes."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(
+            f"{path} was built without HotSpot's USDT probes: {reason}",
+            hint="run the application on a JDK built with DTrace probes (--enable-dtrace);"
+                 " no JVM flag can add them")
+        self.path = path
+        self.reason = reason

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Iterator, NamedTuple, Optional
@@ -22,7 +23,7 @@ from typing import Any, Iterator, NamedTuple, Optional
 from elftools.common.exceptions import ELFError as _PyElfError
 from elftools.elf.elffile import ELFFile
 
-from apptrace.errors import ElfError, NoProbesError
+from apptrace.errors import ElfError, ElfNotFoundError, NoProbesError
 from apptrace.usdt.args import Argument, parse_arguments
 
 __all__ = ["Site", "Probe", "ElfImage", "read_probes", "group_sites"]
@@ -97,30 +98,83 @@ class Probe:
         }
 
 
+# What pyelftools raises for corrupt headers (seeks past the end, counts
+# that overflow, structures that do not parse).
+_MALFORMED = (_PyElfError, struct.error, ValueError, OverflowError, IndexError, KeyError,
+              EOFError)
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"))
+
+
+def _map_regular_file(path: str, display: str) -> Any:
+    """mmap a regular file read-only; anything else is an :class:`ElfError`.
+
+    Opened with ``O_NONBLOCK`` and checked with ``fstat`` before any read, so a
+    FIFO (or a file swapped for one) cannot block us and a device is never read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except FileNotFoundError as err:
+        raise ElfNotFoundError(display) from err
+    except PermissionError as err:
+        raise ElfError("permission denied", path=display,
+                       hint="run as root or check the file's mode") from err
+    except (OSError, ValueError) as err:  # ValueError: a NUL byte in the path
+        raise ElfError(f"cannot open: {getattr(err, 'strerror', None) or err}",
+                       path=display) from err
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = next((k for test, k in _FILE_KINDS if test(st.st_mode)), "not a file")
+            raise ElfError(f"is {kind}, not a regular file (ELF input must be a file)",
+                           path=display)
+        if st.st_size == 0:
+            raise ElfError("empty file, not an ELF file", path=display)
+        try:
+            # mmap: libjvm.so is ~20 MB and we touch a few pages of it.
+            return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as err:
+            raise ElfError(f"cannot map the file: {err}", path=display) from err
+    finally:
+        os.close(fd)
+
+
+_EHDR64 = struct.Struct("<16xHHIQQQIHHHHHH")  # Elf64_Ehdr after e_ident
+
+
+def _check_header_bounds(data: Any, display: str) -> None:
+    """Program and section header tables must lie inside the file (pyelftools
+    would seek to wherever e_phoff points, and fail in its own ways)."""
+    if len(data) < _EHDR64.size or data[4] != 2:  # not ELF64: refused by the caller
+        return
+    if data[5] != 1:  # big-endian: refused by the caller with its own message
+        return
+    (_t, _m, _v, _e, phoff, shoff, _f, _eh, phentsize, phnum, shentsize, shnum,
+     _x) = _EHDR64.unpack_from(data, 0)
+    size = len(data)
+    if phnum and (phoff >= size or phoff + phnum * phentsize > size or phentsize < 56):
+        raise ElfError(f"program headers (offset {phoff:#x}, {phnum} x {phentsize} bytes)"
+                       " run past the end of the file", path=display)
+    if shoff and (shoff >= size or shoff + max(shnum, 1) * shentsize > size):
+        raise ElfError(f"section headers (offset {shoff:#x}) run past the end of the file",
+                       path=display)
+
+
 class ElfImage:
     """The parts of one ELF file that USDT needs: segments, notes, symbols."""
 
     def __init__(self, path: str, display: Optional[str] = None) -> None:
         self.path = path
         self.display = display or path
-        try:
-            with open(path, "rb") as f:
-                # mmap: libjvm.so is ~20 MB and we touch a few pages of it.
-                self._data: Any = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except FileNotFoundError as err:
-            raise ElfError("no such file", path=self.display) from err
-        except ValueError as err:  # mmap of an empty file
-            raise ElfError("empty file, not an ELF file", path=self.display) from err
-        except IsADirectoryError as err:
-            raise ElfError("is a directory, not an ELF file", path=self.display) from err
-        except PermissionError as err:
-            raise ElfError("permission denied", path=self.display,
-                           hint="run as root or check the file's mode") from err
+        self._data: Any = b""
+        self._data = _map_regular_file(path, self.display)
         if self._data[:4] != b"\x7fELF":
             raise ElfError("not an ELF file", path=self.display)
+        _check_header_bounds(self._data, self.display)
         try:
             self.elf = ELFFile(self._data)  # type: ignore[arg-type]  # mmap reads like a file
-        except (_PyElfError, struct.error, ValueError) as err:
+        except _MALFORMED as err:
             raise ElfError(f"malformed ELF header ({err})", path=self.display) from err
         hdr = self.elf.header
         if hdr["e_type"] not in ("ET_EXEC", "ET_DYN"):
@@ -141,7 +195,7 @@ class ElfImage:
                 if seg["p_type"] == "PT_LOAD":
                     self.loads.append((seg["p_vaddr"], seg["p_memsz"], seg["p_offset"],
                                        seg["p_filesz"], seg["p_flags"]))
-        except (_PyElfError, struct.error, ValueError) as err:
+        except _MALFORMED as err:
             raise ElfError(f"malformed program headers ({err})", path=self.display) from err
         self._symbols: Optional[dict[str, list[int]]] = None
         self._sections_cache: Optional[list[_Section]] = None
