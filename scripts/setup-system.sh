@@ -5,6 +5,8 @@ set -euo pipefail
 
 PKGS=(python3-bpfcc libbpfcc bpfcc-tools linux-headers-amd64 systemtap-sdt-dev
       bpftrace binutils gcc g++ make libssl-dev libgnutls28-dev curl)
+# Real programs the tests trace (tests/integration/test_real_programs.py).
+PKGS+=(python3.11 postgresql-15 openjdk-17-jdk-headless openssl)
 
 missing=()
 for p in "${PKGS[@]}"; do

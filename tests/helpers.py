@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import threading
-from typing import Any
+from typing import Any, NoReturn, Optional
 
 import pytest
 
@@ -31,11 +32,34 @@ class OutputDrain:
         return self.text.splitlines()
 
 
+STRICT = os.environ.get("CI") == "true" or os.environ.get("APPTRACE_REQUIRE_BPF") == "1"
+
+
+def missing(reason: str) -> NoReturn:
+    """Something a test needs is not here: a failure in CI, a skip with the reason elsewhere.
+
+    CI installs everything the suite uses (`make setup`), so there a missing
+    program is a broken set-up, never a reason to pass quietly.
+    """
+    if STRICT:
+        pytest.fail(f"{reason} (required in CI: `make setup` installs it)")
+    pytest.skip(reason)
+
+
+def require_program(name: str, path: Optional[str] = None) -> str:
+    """The path of a program (``path`` if given, else ``name`` on PATH), or :func:`missing`."""
+    if path is None:
+        found = shutil.which(name)
+    else:
+        found = path if os.access(path, os.X_OK) else None
+    if not found:
+        missing(f"{path or name} is not installed")
+    return found
+
+
 def require_symbolizer() -> None:
     """Skip without a built blazesym, except in CI where that is a failure."""
     try:
         library_path()
     except SymbolizerError as exc:
-        if os.environ.get("CI") == "true" or os.environ.get("APPTRACE_REQUIRE_BPF") == "1":
-            pytest.fail(f"blazesym library missing in CI: {exc}")
-        pytest.skip(f"blazesym not built: {exc}")
+        missing(f"blazesym library not built: {exc}")

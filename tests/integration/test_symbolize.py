@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helpers import require_symbolizer
+from helpers import missing, require_symbolizer
 
 from apptrace.errors import SymbolizerError
 from apptrace.symbolize import Symbolizer
@@ -94,7 +94,7 @@ class Child:
 def child_exe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     require_symbolizer()
     if shutil.which("gcc") is None:
-        pytest.skip("gcc not installed")
+        missing("gcc is not installed")
     tmp = tmp_path_factory.mktemp("bzchild")
     src = tmp / "bzchild.c"
     src.write_text(CHILD_SOURCE)

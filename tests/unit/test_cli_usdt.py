@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import missing, require_program
 
 from apptrace.cli import main
 from apptrace.usdt.notes import ElfImage
@@ -201,7 +202,7 @@ def assert_one_line_error(rc: int, out: str, err: str, *fragments: str) -> None:
 def test_errors(capsys: pytest.CaptureFixture[str], argv: list[str],
                 fragments: list[str]) -> None:
     if argv == ["/bin/true"] and not os.path.exists("/bin/true"):
-        pytest.skip("/bin/true is not installed")
+        missing("/bin/true is not installed")
     rc, out, err = run(capsys, "usdt", "list", *argv)
     assert_one_line_error(rc, out, err, *fragments)
 
@@ -254,8 +255,8 @@ def test_pid_lists_probes_of_a_running_fixture(capsys: pytest.CaptureFixture[str
     assert not any(r[0].startswith("/proc/") for r in rows)
 
 
-@pytest.mark.skipif(not os.path.exists(PYTHON311), reason="python3.11 is not installed")
 def test_pid_lists_python_probes(capsys: pytest.CaptureFixture[str], spawn: Any) -> None:
+    require_program("python3.11", PYTHON311)
     child = spawn([PYTHON311, "-c",
                    "import sys; print('ready', flush=True); sys.stdin.read()"])
     rc, out, err = run(capsys, "usdt", "list", "-p", str(child.pid))

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
-from helpers import require_symbolizer
+from helpers import missing, require_symbolizer
 
 from apptrace.errors import SymbolizerError
 from apptrace.symbolize import StackFrame, Symbolizer, symbolizer_available
@@ -103,7 +103,7 @@ def file_offset(path: Path, vaddr: int) -> int:
 
 def compile_program(tmp: Path, source: str, name: str, compiler: str) -> Path:
     if shutil.which(compiler) is None:
-        pytest.skip(f"{compiler} not installed")
+        missing(f"{compiler} is not installed")
     ext = ".cc" if compiler == "g++" else ".c"
     src = tmp / f"{name}{ext}"
     src.write_text(source)
@@ -300,7 +300,7 @@ def test_to_json_keys(symz: Symbolizer, c_prog: Path) -> None:
 def test_debug_link_found_through_debug_dirs(tmp_path: Path, c_prog: Path) -> None:
     """A stripped binary gets file/line back from a .debug file in debug_dirs."""
     if shutil.which("objcopy") is None:
-        pytest.skip("objcopy not installed")
+        missing("objcopy is not installed")
     bindir, dbgdir = tmp_path / "bin", tmp_path / "dbg"
     bindir.mkdir()
     dbgdir.mkdir()
@@ -394,7 +394,7 @@ def test_cdef_layout_matches_header(tmp_path: Path) -> None:
     """ABI mode trusts our cdef: compare its layout with the real header's."""
     require_symbolizer()
     if not HEADER.is_file() or shutil.which("gcc") is None:
-        pytest.skip("blazesym.h or gcc missing")
+        missing(f"{HEADER} or gcc is missing")
     from apptrace import symbolize
 
     ffi = symbolize._binding().ffi
