@@ -22,6 +22,7 @@ import tempfile
 from typing import Any, Iterator, Sequence
 
 from apptrace.bpfobj import (
+    BPF_PROG_TYPE_RAW_TRACEPOINT,
     BpfMap,
     CompiledObject,
     LoadedObject,
@@ -33,6 +34,8 @@ from apptrace.bpfobj import (
     unbind,
 )
 from apptrace.capabilities import BPF_LINK_CREATE, BPF_TRACE_UPROBE_MULTI, bpf
+
+BPF_RAW_TRACEPOINT_OPEN = 17
 from apptrace.errors import (
     ApptraceError,
     AttachError,
@@ -143,8 +146,21 @@ class Program:
         self._fds: list[int] = []
         self._evnames: list[bytes] = []
 
-    def load(self, name: str, *, multi: bool = False) -> int:
+    def load(self, name: str, *, multi: bool = False, raw_tracepoint: bool = False) -> int:
+        if raw_tracepoint:
+            return self.obj.load(name, prog_type=BPF_PROG_TYPE_RAW_TRACEPOINT)
         return self.obj.load(name, expected_attach_type=BPF_TRACE_UPROBE_MULTI if multi else 0)
+
+    def attach_raw_tracepoint(self, prog_fd: int, tracepoint: str) -> None:
+        """Attach a raw-tracepoint program (``task_rename``, ``sched_process_exec``)."""
+        name = ctypes.create_string_buffer(tracepoint.encode())
+        attr = ctypes.create_string_buffer(144)
+        struct.pack_into("<QI", attr, 0, ctypes.addressof(name), prog_fd)
+        fd, err = bpf(BPF_RAW_TRACEPOINT_OPEN, attr)
+        if fd < 0:
+            raise AttachError(f"cannot attach to the {tracepoint} tracepoint:"
+                              f" {os.strerror(err)}", errno=err, probe=tracepoint)
+        self._fds.append(fd)
 
     def map(self, name: str) -> BpfMap:
         try:
@@ -168,8 +184,8 @@ class Program:
         self._fds.append(attach_uprobe_multi(prog_fd, path, offsets, ref_ctr_offsets,
                                              cookies, pid, retprobe, probe))
 
-    def close(self) -> None:
-        """Detach everything (links and perf events first), then the programs and maps."""
+    def detach(self) -> None:
+        """Detach every probe but keep the maps: counts read after this are final."""
         for fd in self._fds:
             try:
                 os.close(fd)
@@ -182,6 +198,10 @@ class Program:
                 for ev in self._evnames:
                     lib.bpf_detach_uprobe(ev)  # a tracefs entry, if bcc had to make one
             self._evnames.clear()
+
+    def close(self) -> None:
+        """Detach everything (links and perf events first), then the programs and maps."""
+        self.detach()
         self.obj.close()
 
 

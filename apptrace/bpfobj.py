@@ -35,6 +35,7 @@ __all__ = ["MapSpec", "CompiledObject", "LoadedObject", "BpfMap", "cache_get", "
 BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM = 0, 1, 2
 BPF_MAP_GET_NEXT_KEY, BPF_PROG_LOAD, BPF_OBJ_GET_INFO_BY_FD = 4, 5, 15
 BPF_PROG_TYPE_KPROBE = 2
+BPF_PROG_TYPE_RAW_TRACEPOINT = 17
 PERCPU_TYPES = {5, 6, 10}  # PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH
 _LD_IMM64 = 0x18
 _PSEUDO_MAP_FD = 1
@@ -229,15 +230,17 @@ class LoadedObject:
                                 hint="a ring buffer needs memory: try a smaller --ring-mb")
         return fd
 
-    def load(self, name: str, *, expected_attach_type: int = 0) -> int:
-        """Load entry function ``name`` as a kprobe-type program; its fd."""
+    def load(self, name: str, *, expected_attach_type: int = 0,
+             prog_type: int = BPF_PROG_TYPE_KPROBE) -> int:
+        """Load entry function ``name`` (a kprobe-type program unless told); its fd."""
         if name not in self.obj.functions:
             raise ApptraceError(f"no BPF function {name} in the compiled object")
         insns = _bind(self.obj.functions[name], self.obj.relocs.get(name, ()),
                       {n: m.fd for n, m in self.maps.items()})
-        fd, err, log = self._prog_load(name, insns, expected_attach_type, log_size=0)
+        fd, err, log = self._prog_load(name, insns, expected_attach_type, prog_type,
+                                       log_size=0)
         if fd < 0 and err not in (_errno.EPERM, _errno.EACCES):
-            fd, err, log = self._prog_load(name, insns, expected_attach_type,
+            fd, err, log = self._prog_load(name, insns, expected_attach_type, prog_type,
                                            log_size=4 << 20)
         if fd < 0:
             if err in (_errno.EPERM, _errno.EACCES):
@@ -248,13 +251,13 @@ class LoadedObject:
         self._prog_fds.append(fd)
         return fd
 
-    def _prog_load(self, name: str, insns: bytes, attach_type: int,
+    def _prog_load(self, name: str, insns: bytes, attach_type: int, prog_type: int,
                    log_size: int) -> tuple[int, int, str]:
         code = ctypes.create_string_buffer(insns, len(insns))
         lic = ctypes.create_string_buffer(self.obj.license.encode())
         log = ctypes.create_string_buffer(log_size) if log_size else None
         attr = ctypes.create_string_buffer(144)
-        struct.pack_into("<IIQQIIQ", attr, 0, BPF_PROG_TYPE_KPROBE, len(insns) // 8,
+        struct.pack_into("<IIQQIIQ", attr, 0, prog_type, len(insns) // 8,
                          ctypes.addressof(code), ctypes.addressof(lic), 1 if log else 0,
                          log_size, ctypes.addressof(log) if log else 0)
         struct.pack_into("16s", attr, 48, name[:15].encode())

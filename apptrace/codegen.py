@@ -28,7 +28,7 @@ from typing import Optional
 
 from apptrace.usdt.args import Argument
 
-__all__ = ["ArgRead", "GroupPlan", "HEADER", "render", "header_c", "table_row"]
+__all__ = ["ArgRead", "GroupPlan", "HEADER", "render", "header_c", "table_row", "TASK_HOOKS"]
 
 # struct apptrace_hdr: ts, pid(tgid), tid, probe, site, flags, nstack, comm
 HEADER = struct.Struct("<QIIIIIi16s")
@@ -44,13 +44,17 @@ class ArgRead:
     """How to fetch one argument slot at one site.
 
     ``usdt`` is set for USDT arguments; ``reg`` for uprobe arguments and
-    return values (a pt_regs field). ``str_slot`` >= 0 means the value is a
-    pointer to a NUL-terminated string copied into that slot.
+    return values (a pt_regs field); neither for a slot that cannot be read.
+    ``str_slot`` >= 0 means the value is a pointer whose bytes are copied into
+    that slot: up to a NUL, or ``str_len_arg``'s value bytes (a pointer and
+    length pair, no NUL), or exactly ``str_bytes`` bytes.
     """
 
     usdt: Optional[Argument] = None
     reg: Optional[str] = None
     str_slot: int = -1
+    str_len_arg: int = -1
+    str_bytes: int = 0
 
 
 @dataclass
@@ -77,6 +81,7 @@ class GroupPlan:
         return f"g{self.gid}"
 
     def event_struct(self) -> struct.Struct:
+        """The record layout; the C struct is checked against its size at compile time."""
         fmt = HEADER.format + f"{self.nargs}Q"
         if self.nstr:
             fmt += f"{self.nstr * self.str_max}s"
@@ -86,6 +91,13 @@ class GroupPlan:
 
 
 MAX_TABLE_ARGS = 12  # sys/sdt.h's limit
+
+# apptrace_ctl slots.
+CTL_GEN = 0        # bumped on every task rename (exec, prctl): comm caches are stale
+CTL_HELD = 1       # pid of a spawned command still running apptrace's launcher: ignored
+CTL_STOP_EXEC = 2  # non-zero: SIGSTOP the held command at its exec (procmem semaphores)
+CTL_NO_SHORTCUT = 3  # non-zero: always copy comm (rename tracking is not attached)
+CTL_SLOTS = 4
 NO_REG = 0xFFFF
 
 # Byte offsets in x86-64 struct pt_regs (a user-space ABI, fixed since 2.6).
@@ -107,6 +119,10 @@ struct apptrace_arg {{
     u8 kind; u8 size; u8 sign; u8 shift; u16 base; u16 index; s64 disp; u64 scale;
 }};
 struct apptrace_spec {{ struct apptrace_arg a[{MAX_TABLE_ARGS}]; }};
+/* This CPU's previous event in a ring: its thread, and the rename generation then. */
+struct apptrace_last {{ u32 tid; u32 pad; u64 gen; }};
+/* Session controls, written from user space (indexes CTL_*): */
+BPF_ARRAY(apptrace_ctl, u64, {CTL_SLOTS});
 static __always_inline u64 apptrace_reg(struct pt_regs *ctx, u16 off) {{
     u64 v = 0;
     bpf_probe_read_kernel(&v, sizeof(v), (void *)ctx + (off & 0xff));
@@ -122,7 +138,9 @@ def table_row(reads: tuple[ArgRead, ...], site_vaddr: int) -> list[tuple[int, ..
     rows: list[tuple[int, ...]] = []
     for r in reads[:MAX_TABLE_ARGS]:
         a = r.usdt
-        if a is None:  # a uprobe argument or return value: a whole register
+        if a is None and r.reg is None:
+            rows.append((ARG_NONE, 0, 0, 0, NO_REG, NO_REG, 0, 0))
+        elif a is None:  # a uprobe argument or return value: a whole register
             rows.append((ARG_REG, 8, 0, 0, PT_REGS_OFFSET[r.reg or "ax"], NO_REG, 0, 0))
         elif a.kind == "constant":
             v = (a.value or 0) & (1 << 64) - 1
@@ -132,7 +150,7 @@ def table_row(reads: tuple[ArgRead, ...], site_vaddr: int) -> list[tuple[int, ..
                          PT_REGS_OFFSET[a.register or "ax"], NO_REG, 0, 0))
         elif a.kind in ("memory", "rip_relative"):
             ip_relative = a.kind == "rip_relative" or a.symbol is not None
-            disp = (a.address or 0) - site_vaddr if ip_relative else a.displacement
+            disp = _wrap_s64((a.address or 0) - site_vaddr if ip_relative else a.displacement)
             rows.append((ARG_MEM_IP if ip_relative else ARG_MEM, a.size,
                          int(a.signed and not a.is_float), 0,
                          PT_REGS_OFFSET[a.base] if a.base else NO_REG,
@@ -179,6 +197,19 @@ static __always_inline void {n}_table(struct pt_regs *ctx, u32 reader, struct {n
 }}"""
 
 
+def _wrap_s64(v: int) -> int:
+    """An address difference as the s64 that adds the same modulo 2**64 (a
+    crafted note may name addresses far apart; the C must still compile)."""
+    v &= (1 << 64) - 1
+    return v - (1 << 64) if v >> 63 else v
+
+
+def _c_s64(v: int) -> str:
+    """A C literal for :func:`_wrap_s64` of ``v``."""
+    v = _wrap_s64(int(v))
+    return "(-9223372036854775807LL - 1)" if v == -(1 << 63) else f"{v}LL"
+
+
 def _extend(expr: str, size: int, signed: bool) -> str:
     if size == 8:
         return f"(u64)({expr})"
@@ -193,6 +224,8 @@ def _read_one(i: int, r: ArgRead, site_vaddr: int) -> str:
     fail = f"e->h.flags |= {1 << i}u;"
     a = r.usdt
     lines: list[str] = []
+    if a is None and r.reg is None:
+        return f"/* arg{i}: unavailable */"
     if a is None:
         lines.append(f"v = ctx->{r.reg};")
     elif a.kind == "constant":
@@ -207,28 +240,49 @@ def _read_one(i: int, r: ArgRead, site_vaddr: int) -> str:
                 addr += f" + ctx->{a.index} * {a.scale}"
             if a.symbol is not None:
                 # symbol + displacement, relocated through the probe IP like below
-                addr += f" + ctx->ip + ({(a.address or 0) - site_vaddr}LL)"
+                addr += f" + ctx->ip + ({_c_s64((a.address or 0) - site_vaddr)})"
             else:
-                addr += f" + ({a.displacement}LL)"
+                addr += f" + ({_c_s64(a.displacement)})"
         else:
             # The global and the probe share a module: address = IP + delta.
-            delta = (a.address or 0) - site_vaddr
-            addr = f"ctx->ip + ({delta}LL)"
+            addr = f"ctx->ip + ({_c_s64((a.address or 0) - site_vaddr)})"
         bits = _C_INT[a.size]
         t = f"{'s' if a.signed and not a.is_float else 'u'}{bits}"
         lines.append(f"{{ {t} t = 0; if (bpf_probe_read_user(&t, {a.size}, (void *)({addr})))"
                      f" {{ {fail} }} v = {_extend('t', a.size, a.signed and not a.is_float)}; }}")
     else:
-        return f"/* arg{i} unavailable: {a.reason} */"
+        # Unreadable (the reason stays in Python: nothing from the binary
+        # reaches the C text but numbers we produced).
+        return f"/* arg{i}: unavailable */"
     lines.append(f"e->a[{i}] = v;")
-    if r.str_slot >= 0:
-        j = r.str_slot
-        trunc = 1 << (FLAG_STR_TRUNC_SHIFT + j)
-        lines.append(
-            f"if (!(e->h.flags & {1 << i}u)) {{ int n = bpf_probe_read_user_str(e->s[{j}],"
-            f" sizeof(e->s[{j}]), (void *)v); if (n < 0) {{ {fail} }}"
-            f" else if (n >= (int)sizeof(e->s[{j}])) e->h.flags |= {trunc}u; }}")
     return "\n        ".join(lines)
+
+
+def _read_str(i: int, r: ArgRead) -> str:
+    """Copy the bytes argument ``i`` points to into its string slot.
+
+    Runs after every argument is read, so a length argument may come later
+    than its pointer (HotSpot passes ``name, len``).
+    """
+    j = r.str_slot
+    fail = f"e->h.flags |= {1 << i}u;"
+    trunc = f"e->h.flags |= {1 << (FLAG_STR_TRUNC_SHIFT + j)}u;"
+    size = f"sizeof(e->s[{j}])"
+    if r.str_bytes:
+        return (f"if (!(e->h.flags & {1 << i}u) && bpf_probe_read_user(e->s[{j}],"
+                f" {r.str_bytes}, (void *)e->a[{i}])) {{ {fail} }}")
+    if r.str_len_arg >= 0:
+        k = r.str_len_arg
+        # The barrier keeps the clamp and the helper's size in one register,
+        # where the verifier can see the bound (clang otherwise splits them).
+        return (f"if (!(e->h.flags & {(1 << i) | (1 << k)}u)) {{ u64 n = e->a[{k}];"
+                f" if ((s64)n < 0) {{ {fail} }} else {{ asm volatile(\"\" : \"+r\"(n));"
+                f" if (n > {size}) {{ n = {size}; {trunc} }}"
+                f" if (n > 0 && bpf_probe_read_user(e->s[{j}], n,"
+                f" (void *)e->a[{i}])) {{ {fail} }} }} }}")
+    return (f"if (!(e->h.flags & {1 << i}u)) {{ int n = bpf_probe_read_user_str(e->s[{j}],"
+            f" {size}, (void *)e->a[{i}]); if (n < 0) {{ {fail} }}"
+            f" else if (n >= (int){size}) {trunc} }}")
 
 
 
@@ -256,9 +310,10 @@ struct {n}_key {{ u32 pid; u32 probe; u32 site; s32 stack; char comm[16]; }};
 BPF_HASH({n}_counts, struct {n}_key, u64, 65536);
 BPF_PERCPU_ARRAY({n}_lost, u64, {max(g.nprobes, 1)});
 static __always_inline int {n}_body(struct pt_regs *ctx, u64 ck) {{
+{_GATE}
     struct {n}_key k = {{}};
     u32 probe = ck >> 32;
-    k.pid = bpf_get_current_pid_tgid() >> 32;
+    k.pid = id >> 32;
     k.probe = probe;
     k.site = (ck >> 16) & 0xffff;
     k.stack = {n}_stacks.get_stackid(ctx, BPF_F_USER_STACK);
@@ -284,9 +339,41 @@ HOLD_AT_ENTRY = """int apptrace_hold_at_entry(struct pt_regs *ctx) {
 }"""
 
 
+# Renames and execs, for every session (raw tracepoints: no tracefs, no kprobes).
+# A rename (exec sets the new name too; so do prctl and /proc/PID/comm) bumps a
+# generation that invalidates every CPU's "same thread as last time" comm
+# cache. The exec of a held command ends its hold: from then on its events
+# count, and it can be stopped before its first instruction.
+TASK_HOOKS = f"""int apptrace_on_rename(struct bpf_raw_tracepoint_args *ctx) {{
+    u32 slot = {CTL_GEN};
+    u64 *gen = apptrace_ctl.lookup(&slot);
+    if (gen) __sync_fetch_and_add(gen, 1);
+    return 0;
+}}
+int apptrace_on_exec(struct bpf_raw_tracepoint_args *ctx) {{
+    u32 slot = {CTL_HELD};
+    u64 *held = apptrace_ctl.lookup(&slot);
+    if (!held || *held == 0 || *held != (bpf_get_current_pid_tgid() >> 32)) return 0;
+    *held = 0;
+    slot = {CTL_STOP_EXEC};
+    u64 *stop = apptrace_ctl.lookup(&slot);
+    if (stop && *stop) bpf_send_signal(19 /* SIGSTOP */);
+    return 0;
+}}
+/* Carries a semaphore (ref_ctr_offset) for a probe whose sites stay unhit. */
+int apptrace_noop(struct pt_regs *ctx) {{ return 0; }}"""
+
+# The head of every body: the hold gate. Hits in apptrace's own launcher,
+# before it execs the command, are not the command's and are dropped.
+_GATE = f"""    u64 id = bpf_get_current_pid_tgid();
+    u32 ctl_slot = {CTL_HELD};
+    u64 *held = apptrace_ctl.lookup(&ctl_slot);
+    if (held && *held == (id >> 32)) return 0;"""
+
+
 def render(plans: list[GroupPlan], *, hold_at_entry: bool = False) -> str:
     """The whole C source for a session."""
-    out = [header_c()]
+    out = [header_c(), TASK_HOOKS]
     if hold_at_entry:
         out.append(HOLD_AT_ENTRY)
     for g in plans:
@@ -294,21 +381,31 @@ def render(plans: list[GroupPlan], *, hold_at_entry: bool = False) -> str:
         if g.fold:
             out.append(_render_fold(g))
             continue
-        fields = ["    struct apptrace_hdr h;", f"    u64 a[{max(g.nargs, 1)}];"]
+        fields = ["    struct apptrace_hdr h;"]
+        if g.nargs:
+            fields.append(f"    u64 a[{g.nargs}];")
         if g.nstr:
             fields.append(f"    char s[{g.nstr}][{g.str_max}];")
         if g.stack_depth:
             fields.append(f"    u64 stack[{g.stack_depth}];")
         out.append(f"struct {n}_ev {{\n" + "\n".join(fields) + "\n};")
+        # The Python decoder strides records by event_struct(): a mismatch is
+        # a compile error, never silently discarded records.
+        out.append(f"_Static_assert(sizeof(struct {n}_ev) == {g.event_struct().size},"
+                   f" \"{n} record size\");")
         out.append(f"BPF_RINGBUF_OUTPUT({n}_rb, {g.ringbuf_pages});")
         out.append(f"BPF_PERCPU_ARRAY({n}_lost, u64, {max(g.nprobes, 1)});")
-        out.append(f"BPF_PERCPU_ARRAY({n}_lasttid, u32, 1);")
-        if g.table:
+        out.append(f"BPF_PERCPU_ARRAY({n}_lasttid, struct apptrace_last, 1);")
+        if g.nargs == 0:
+            dispatch = ""
+        elif g.table:
             out.append(_render_table_reader(g))
             dispatch = f"    {n}_table(ctx, ck & 0xffff, e);"
         else:
             for rid, (reads, vaddr) in enumerate(g.readers):
-                body = "\n        ".join(_read_one(i, r, vaddr) for i, r in enumerate(reads))
+                body = "\n        ".join([_read_one(i, r, vaddr) for i, r in enumerate(reads)]
+                                          + [_read_str(i, r) for i, r in enumerate(reads)
+                                             if r.str_slot >= 0])
                 out.append(f"static __always_inline void {n}_r{rid}(struct pt_regs *ctx,"
                            f" struct {n}_ev *e) {{\n    u64 v = 0;\n        {body}\n"
                            f"    (void)v;\n}}")
@@ -320,6 +417,7 @@ def render(plans: list[GroupPlan], *, hold_at_entry: bool = False) -> str:
             stack = ("    e->h.nstack = bpf_get_stack(ctx, e->stack, sizeof(e->stack),"
                      " BPF_F_USER_STACK);\n")
         out.append(f"""static __always_inline int {n}_body(struct pt_regs *ctx, u64 ck) {{
+{_GATE}
     u32 probe = ck >> 32;
     struct {n}_ev *e = {n}_rb.ringbuf_reserve(sizeof(struct {n}_ev));
     if (!e) {{
@@ -327,7 +425,6 @@ def render(plans: list[GroupPlan], *, hold_at_entry: bool = False) -> str:
         if (c) *c += 1;
         return 0;
     }}
-    u64 id = bpf_get_current_pid_tgid();
     e->h.ts = bpf_ktime_get_ns();
     e->h.pid = id >> 32;
     e->h.tid = (u32)id;
@@ -336,16 +433,22 @@ def render(plans: list[GroupPlan], *, hold_at_entry: bool = False) -> str:
     e->h.flags = 0;
     e->h.nstack = 0;
     /* Copying comm is a good part of the per-hit cost. When this CPU's previous
-       event in this ring came from the same thread, the reader already has the
-       name (records of one CPU keep their order in the ring). */
+       event in this ring came from the same thread, and no task was renamed
+       since (exec, prctl), the reader already has the name (records of one CPU
+       keep their order in the ring). */
     u32 zero = 0;
-    u32 *last = {n}_lasttid.lookup(&zero);
-    if (last && *last == e->h.tid) {{
+    ctl_slot = {CTL_GEN};
+    u64 *genp = apptrace_ctl.lookup(&ctl_slot);
+    u64 gen = genp ? *genp : 0;
+    ctl_slot = {CTL_NO_SHORTCUT};
+    u64 *off = apptrace_ctl.lookup(&ctl_slot);
+    struct apptrace_last *last = {n}_lasttid.lookup(&zero);
+    if (last && last->tid == e->h.tid && last->gen == gen && !(off && *off)) {{
         e->h.flags = {FLAG_COMM_SAME}u;
         e->h.comm[0] = 0;
     }} else {{
         bpf_get_current_comm(&e->h.comm, sizeof(e->h.comm));
-        if (last) *last = e->h.tid;
+        if (last) {{ last->tid = e->h.tid; last->gen = gen; }}
     }}
 {dispatch}
 {stack}    {n}_rb.ringbuf_submit(e, 0);

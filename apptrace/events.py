@@ -30,15 +30,19 @@ class ProbeInfo:
     name: str      # provider:name, or the symbol
     spec: str      # the probe string it came from
     sites: int = 1
+    qualified: bool = False  # the label names the binary: another binary has this name
 
     @property
     def label(self) -> str:
+        if self.qualified:
+            return f"{self.kind}:{self.binary}:{self.name}"
         return f"{self.kind}:{self.name}"
 
 
 @dataclass(frozen=True)
 class Event:
-    """One probe hit. ``args`` holds ints, floats, strings or :class:`Unavailable`."""
+    """One probe hit. ``args`` holds ints, floats, strings, bytes or :class:`Unavailable`;
+    ``truncated`` lists the indexes of string arguments cut at the size limit."""
 
     ts_ns: int
     pid: int
@@ -49,6 +53,7 @@ class Event:
     site: int = 0
     stack: Optional[tuple[StackFrame, ...]] = None
     raw_stack: Optional[tuple[int, ...]] = None
+    truncated: tuple[int, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -57,8 +62,10 @@ class Event:
             "tid": self.tid,
             "comm": self.comm,
             "probe": self.probe.label,
-            "args": [None if isinstance(a, Unavailable) else a for a in self.args],
+            "args": [_json_arg(a) for a in self.args],
         }
+        if self.truncated:
+            out["truncated"] = list(self.truncated)
         bad = {i: a.reason for i, a in enumerate(self.args) if isinstance(a, Unavailable)}
         if bad:
             out["unavailable"] = bad
@@ -68,13 +75,21 @@ class Event:
 
     def format(self) -> str:
         parts = []
-        for a in self.args:
-            if isinstance(a, str):
-                parts.append(repr(a))
+        for i, a in enumerate(self.args):
+            if isinstance(a, (str, bytes)):
+                parts.append(repr(a) + ("[truncated]" if i in self.truncated else ""))
             else:
                 parts.append(str(a))
         return (f"{self.ts_ns / 1e9:.6f} {self.comm}[{self.pid}/{self.tid}]"
                 f" {self.probe.label} " + " ".join(parts)).rstrip()
+
+
+def _json_arg(a: Any) -> Any:
+    if isinstance(a, Unavailable):
+        return None
+    if isinstance(a, bytes):
+        return a.hex()  # bytes[N] arguments: exact, as hex
+    return a
 
 
 _new = object.__new__
@@ -82,7 +97,8 @@ _new = object.__new__
 
 def make_event(ts_ns: int, pid: int, tid: int, comm: str, probe: ProbeInfo,
                args: tuple[Any, ...], site: int = 0,
-               raw_stack: Optional[tuple[int, ...]] = None) -> Event:
+               raw_stack: Optional[tuple[int, ...]] = None,
+               truncated: tuple[int, ...] = ()) -> Event:
     """An :class:`Event` built without the frozen-dataclass ``__init__``.
 
     That ``__init__`` calls ``object.__setattr__`` once per field (~0.8 us);
@@ -91,7 +107,7 @@ def make_event(ts_ns: int, pid: int, tid: int, comm: str, probe: ProbeInfo,
     """
     ev = _new(Event)
     ev.__dict__.update(ts_ns=ts_ns, pid=pid, tid=tid, comm=comm, probe=probe, args=args,
-                       site=site, stack=None, raw_stack=raw_stack)
+                       site=site, stack=None, raw_stack=raw_stack, truncated=truncated)
     return ev
 
 

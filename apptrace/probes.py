@@ -24,10 +24,11 @@ class ArgType:
     """How to present one argument: an integer of a width, a string or a float."""
 
     name: str
-    kind: str        # "int", "str", "float"
-    size: int = 8    # bytes, for ints and floats
+    kind: str        # "int", "str", "float", "bytes"
+    size: int = 8    # bytes, for ints and floats; the count for bytes[N]
     signed: bool = False
     hex: bool = False
+    len_arg: Optional[int] = None  # str[argN]: the length is argument N (no NUL needed)
 
 
 def _int_types() -> dict[str, ArgType]:
@@ -55,6 +56,27 @@ def _int_types() -> dict[str, ArgType]:
 TYPE_NAMES = _int_types()
 
 
+MAX_BYTES = 4096  # bytes[N]: one event carries at most this much of a buffer
+
+_SIZED = re.compile(r"(str|string|bytes)\[(arg)?(\d+)\]")
+
+
+def _sized_type(name: str, spec: str) -> Optional[ArgType]:
+    """``str[argN]`` (pointer + length in argument N, as HotSpot passes names)
+    and ``bytes[N]`` (N raw bytes)."""
+    m = _SIZED.fullmatch(name)
+    if m is None:
+        return None
+    n = int(m.group(3))
+    if m.group(1) == "bytes":
+        if m.group(2) or not 1 <= n <= MAX_BYTES:
+            raise ProbeSpecError(spec, f"bytes[N] takes a count from 1 to {MAX_BYTES}")
+        return ArgType(f"bytes[{n}]", "bytes", n)
+    if n > 11:
+        raise ProbeSpecError(spec, f"{name}: a length argument is arg0..arg11")
+    return ArgType(f"str[arg{n}]", "str", len_arg=n)
+
+
 def parse_types(text: str, spec: str = "") -> tuple[Optional[ArgType], ...]:
     """``"str, int, -"`` → types; ``-`` or empty keeps the default for that slot."""
     out: list[Optional[ArgType]] = []
@@ -65,10 +87,11 @@ def parse_types(text: str, spec: str = "") -> tuple[Optional[ArgType], ...]:
         if name in ("", "-", "_", "auto"):
             out.append(None)
             continue
-        t = TYPE_NAMES.get(name)
+        t = TYPE_NAMES.get(name) or _sized_type(name, spec or text)
         if t is None:
             raise ProbeSpecError(spec or text, f"unknown type {raw.strip()!r} (known: int,"
-                                 " long, u8..u64, s8..s64, str, float, double, ptr)")
+                                 " long, u8..u64, s8..s64, str, str[argN], bytes[N], float,"
+                                 " double, ptr)")
         out.append(t)
     return tuple(out)
 
@@ -88,11 +111,12 @@ class ProbeSpec:
     @property
     def offset(self) -> Optional[int]:
         """A bare ``0x...`` uprobe target is a file offset."""
-        if self.kind != "usdt" and re.fullmatch(r"0[xX][0-9a-fA-F]+|\d+", self.name):
+        if self.kind != "usdt" and _NUMBER.fullmatch(self.name):
             return int(self.name, 0)
         return None
 
 
+_NUMBER = re.compile(r"0[xX][0-9a-fA-F]+|0|[1-9][0-9]*")  # what int(text, 0) takes
 _TYPES_AT_END = re.compile(r"^(.*?)\(([^()]*)\)$", re.S)
 
 
@@ -127,4 +151,8 @@ def parse_probe(text: str, *, stack: bool = False) -> ProbeSpec:
         raise ProbeSpecError(spec, f"expected {kind}:BINARY:SYMBOL")
     if kind == "uretprobe" and len(types) > 1:
         raise ProbeSpecError(spec, "a uretprobe takes one type, for the return value")
+    sym, plus, off = parts[-1].partition("+")
+    if plus and (not sym or not _NUMBER.fullmatch(off)):
+        raise ProbeSpecError(spec, f"{parts[-1]!r}: expected SYMBOL+OFFSET with a decimal"
+                                   " or 0x-hex offset")
     return ProbeSpec(spec, kind, ":".join(parts[:-1]), None, parts[-1], types, stack)

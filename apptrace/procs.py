@@ -13,13 +13,38 @@ from dataclasses import dataclass
 from typing import Optional
 
 from apptrace.errors import (
-    ProbeNotFoundError,
+    BinaryNotFoundError,
+    KernelThreadError,
     ProcessGoneError,
     ProcessNotFoundError,
     TracePermissionError,
 )
 
-__all__ = ["ProcessRef", "Mapping", "read_maps", "resolve_binary", "mapped_objects"]
+__all__ = ["ProcessRef", "Mapping", "read_maps", "resolve_binary", "mapped_objects",
+           "proc_stat", "start_ticks"]
+
+PF_KTHREAD = 0x00200000  # task flag of kernel threads (include/linux/sched.h)
+
+
+def proc_stat(pid: int) -> list[str]:
+    """Fields of /proc/PID/stat after the command name (``state`` is index 0).
+
+    The name is skipped by its last ``)``: it may hold spaces and parentheses.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except (FileNotFoundError, ProcessLookupError) as err:
+        raise ProcessNotFoundError(pid) from err
+    except PermissionError as err:
+        raise TracePermissionError(f"cannot read /proc/{pid}/stat") from err
+    return raw[raw.rindex(b")") + 2:].decode("ascii", "replace").split()
+
+
+def start_ticks(pid: int) -> int:
+    """When PID started, in clock ticks since boot: with the PID, an identity
+    that survives PID reuse and is the same whoever reads it."""
+    return int(proc_stat(pid)[19])
 
 
 @dataclass(frozen=True)
@@ -34,15 +59,25 @@ class ProcessRef:
     def from_pid(cls, pid: int) -> ProcessRef:
         import psutil  # imported here: `usdt list` without -p does not need it
 
+        if pid <= 0:  # 0 is the idle task; negatives are process groups to kill(2)
+            raise ProcessNotFoundError(pid)
         try:
             p = psutil.Process(pid)
-            return cls(pid, p.create_time(), p.name())
+            ref = cls(pid, p.create_time(), p.name())
+            zombie = p.status() == psutil.STATUS_ZOMBIE
         except psutil.NoSuchProcess as err:
             raise ProcessNotFoundError(pid) from err
         except psutil.AccessDenied as err:
             raise TracePermissionError(f"not allowed to inspect process {pid}") from err
-        except ValueError as err:  # negative pid
+        except (ValueError, OverflowError) as err:  # out of range
             raise ProcessNotFoundError(pid) from err
+        # A kernel thread has no user memory: a uprobe would attach to nothing
+        # and wait forever, a USDT search would find no objects.
+        if int(proc_stat(pid)[6]) & PF_KTHREAD:
+            raise KernelThreadError(pid, ref.name)
+        if zombie:
+            raise ProcessGoneError(pid)
+        return ref
 
     def alive(self) -> bool:
         import psutil
@@ -145,27 +180,56 @@ def _ld_cache() -> list[tuple[str, str]]:
     return _ldcache
 
 
+def which_elf(name: str) -> Optional[str]:
+    """The first ELF executable called ``name`` on ``PATH``.
+
+    Wrapper scripts (pyenv's shims, for one) are skipped: probes live in the
+    ELF file that finally runs, and a script has none.
+    """
+    for d in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        path = os.path.join(d or ".", name)
+        try:
+            if not os.path.isfile(path) or not os.access(path, os.X_OK):
+                continue
+            with open(path, "rb") as f:
+                if f.read(4) == b"\x7fELF":
+                    return path
+        except OSError:
+            continue
+    return None
+
+
 def resolve_binary(name: str, pid: Optional[int] = None) -> str:
     """Turn what a user typed into a file path.
 
     A path is taken as is. With a PID, a library name is matched against
     what that process maps (``libssl`` finds ``/usr/lib/.../libssl.so.3``).
-    Otherwise library names go through the dynamic linker's cache (as
-    ``dlopen`` would) and other names through ``PATH``.
+    Otherwise a name that looks like a library (``libc``, ``libssl.so.3``)
+    goes through the dynamic linker's cache (as ``dlopen`` would), and any
+    other name is first an executable on ``PATH`` (``python3.11`` is
+    ``/usr/bin/python3.11``, not ``libpython3.11.so``), then a library.
     """
     if "/" in name:
         path = name if pid is None or name.startswith("/proc/") else _in_root(pid, name)
         if not os.path.exists(path):
-            raise ProbeNotFoundError(f"{name}: no such file", probe=name)
+            raise BinaryNotFoundError(f"{name}: no such file", probe=name)
         return path
+    # "python3.11" is the executable; "libc", "libssl.so.3", "ssl" name libraries.
+    library = name.startswith("lib") or ".so" in name
     if pid is not None:
-        for shown, real in mapped_objects(pid):
+        mapped = mapped_objects(pid)
+        for shown, real in mapped:  # an exact file name wins over a prefix
+            if os.path.basename(shown) == name or \
+                    os.path.basename(os.path.realpath(real)) == name:
+                return real
+        for shown, real in mapped:
             base = os.path.basename(shown)
-            if base == name or base.startswith(name + ".so") or base.startswith(
-                    "lib" + name + ".so") or (name.endswith(".so") and base.startswith(name)):
+            if base.startswith(name + ".so") or base.startswith("lib" + name + ".so") or (
+                    name.endswith(".so") and base.startswith(name)):
                 return real
-            if os.path.basename(os.path.realpath(real)) == name:
-                return real
+    exe = None if library else which_elf(name)
+    if exe:
+        return exe
     cands: list[str] = []
     for soname, path in _ld_cache():
         if soname == name:
@@ -175,14 +239,9 @@ def resolve_binary(name: str, pid: Optional[int] = None) -> str:
             cands.append(path)
     if cands:
         return cands[0]
-    import shutil
-
-    exe = shutil.which(name)
-    if exe:
-        return exe
     where = f"in process {pid}'s mappings or " if pid is not None else ""
-    raise ProbeNotFoundError(f"cannot find {name!r} {where}in the linker cache or PATH",
-                             probe=name, hint="give a path instead")
+    raise BinaryNotFoundError(f"cannot find {name!r} {where}in the linker cache or PATH",
+                              probe=name, hint="give a path instead")
 
 
 def _in_root(pid: int, path: str) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import bisect
 import collections
+import dataclasses
 import fnmatch
 import os
 import select
@@ -30,6 +31,9 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from apptrace import capabilities
 from apptrace.codegen import (
+    CTL_HELD,
+    CTL_NO_SHORTCUT,
+    CTL_STOP_EXEC,
     FLAG_ARG_FAILED,
     FLAG_COMM_SAME,
     FLAG_STR_TRUNC_SHIFT,
@@ -53,6 +57,7 @@ from apptrace.probes import ArgType, ProbeSpec, parse_probe
 from apptrace.procs import ProcessRef, mapped_objects, resolve_binary
 from apptrace.semaphores import ProcMemSemaphores
 from apptrace.usdt.args import Argument
+from apptrace.usdt.companions import companions_of
 from apptrace.usdt.notes import ElfImage, Probe
 
 __all__ = ["Session", "ProbeHandle"]
@@ -68,6 +73,43 @@ TABLE_THRESHOLD = 16  # argument layouts in one group before specs go in a map
 _SPEC_ARG = struct.Struct("<BBBBHHqQ")  # struct apptrace_arg
 _FOLD_KEY = struct.Struct("<IIIi16s")   # struct gN_key: pid, probe, site, stack id, comm
 _U32 = struct.Struct("<I")
+_XMM_REASON = ("floating-point values travel in xmm registers, which uprobes cannot read"
+               " (x86-64 ABI)")
+
+
+def _string_value(t: ArgType, strs: bytes, slot: int, size: int,
+                  raw_args: tuple[int, ...]) -> Any:
+    """A string slot's value: text up to a NUL, ``str[argN]``'s bytes, or ``bytes[N]``."""
+    raw = strs[slot * size:(slot + 1) * size]
+    if t.kind == "bytes":
+        return raw[:t.size]
+    if t.len_arg is not None:
+        n = raw_args[t.len_arg] if t.len_arg < len(raw_args) else 0
+        if n >> 63:
+            n -= 1 << 64
+        return raw[:max(0, min(n, size))].decode("utf-8", "replace")
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def _quiet_offset(img: ElfImage) -> Optional[int]:
+    """A file offset where a binary's code runs at most once per process: .fini."""
+    sec = img.section(".fini")
+    if sec is not None and sec.offset:
+        return int(sec.offset)
+    return img.vaddr_to_offset(img.elf.header["e_entry"], executable=True) or None
+
+
+def _str_read(r: ArgRead, t: Optional[ArgType], nargs: int, spec: ProbeSpec) -> ArgRead:
+    """Add a string slot's shape (length argument, fixed size) to an argument read."""
+    if r.str_slot < 0 or t is None:
+        return r
+    if t.kind == "bytes":
+        return ArgRead(r.usdt, r.reg, r.str_slot, str_bytes=t.size)
+    if t.len_arg is not None:
+        if t.len_arg >= nargs:
+            raise ProbeSpecError(spec.text, f"{t.name}: the probe has {nargs} argument(s)")
+        return ArgRead(r.usdt, r.reg, r.str_slot, str_len_arg=t.len_arg)
+    return r
 _PROBE_AT = struct.calcsize(HEADER.format[:4])  # offset of the probe index: ts, pid, tid
 
 
@@ -98,6 +140,8 @@ class _Site:
 class _Probe:
     info: ProbeInfo
     sites: list[_Site] = field(default_factory=list)
+    # (binary, semaphore offset) raised for this probe without attaching its sites
+    companions: list[tuple[str, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -125,6 +169,7 @@ class _Group:
         self.reader_plans: list[tuple[tuple[ArgRead, ...], int]] = []
         self.nargs = 0
         self.nstr = 0
+        self.str_size = 0  # bytes per string slot (str_max, or more for bytes[N])
         self.plan: Optional[GroupPlan] = None
         self.ring: Any = None
         self.converters: dict[tuple[int, int], tuple[ProbeInfo, list[Any]]] = {}
@@ -148,7 +193,8 @@ class Session:
     attached; terminated if still running when the session closes) may be
     given; with none, probes must name their binary and trace system-wide.
 
-    ``batch_ms``: the rings are drained at most this often. ``arg_tables``:
+    ``command_stdout``: where the spawned command's stdout goes (a file
+    descriptor; None: inherited). ``batch_ms``: the rings are drained at most this often. ``arg_tables``:
     force (True/False) the table-driven argument reader instead of choosing
     by the number of layouts. ``multi``: force uprobe_multi links on or off.
     """
@@ -157,7 +203,8 @@ class Session:
                  command: Optional[Sequence[str]] = None, semaphores: str = "kernel",
                  str_max: int = 64, ringbuf_kb: Optional[int] = None, stack_depth: int = 32,
                  symbolize: bool = True, multi: Optional[bool] = None,
-                 arg_tables: Optional[bool] = None, batch_ms: float = 5.0) -> None:
+                 arg_tables: Optional[bool] = None, batch_ms: float = 5.0,
+                 command_stdout: Optional[int] = None) -> None:
         if sum(x is not None for x in (pid, path, command)) > 1:
             raise ValueError("give at most one of pid, path, command")
         if semaphores not in ("kernel", "procmem"):
@@ -172,6 +219,7 @@ class Session:
         if self.path is not None:
             ElfImage(self.path).close()  # a clear error now for a non-ELF path
         self.command = list(command) if command is not None else None
+        self.command_stdout = command_stdout
         self._command_exe: Optional[str] = None  # resolved at start()
         self.semaphore_mode = semaphores
         self.str_max = max(8, (int(str_max) + 7) & ~7)
@@ -192,6 +240,7 @@ class Session:
         self._child: Optional[subprocess.Popen[bytes]] = None
         self._release_fd: Optional[int] = None
         self._procmem: Optional[ProcMemSemaphores] = None
+        self._procmem_later: list[tuple[str, int]] = []  # a command's, raised after exec
         self._state = "new"
         self._stats = Stats()
         self._epoll: Optional[select.epoll] = None
@@ -310,6 +359,19 @@ class Session:
                 if spec.kind == "usdt" else "check the symbol name (nm -D)")
         h.probes = [p.info for p in g.probes]
 
+    def _qualify_labels(self) -> None:
+        """Probes of one name in two binaries get labels that name the binary, so
+        their counts and JSON stay apart."""
+        binaries: dict[tuple[str, str], set[str]] = {}
+        for g in self._groups:
+            for p in g.probes:
+                binaries.setdefault((p.info.kind, p.info.name), set()).add(p.info.binary)
+        for g in self._groups:
+            for p in g.probes:
+                if len(binaries[(p.info.kind, p.info.name)]) > 1:
+                    p.info = dataclasses.replace(p.info, qualified=True)
+            g.handle.probes = [p.info for p in g.probes]
+
     def _reader(self, g: _Group, reads: tuple[ArgRead, ...], vaddr: int) -> int:
         """Dedup readers by the C they produce (rip-relative deltas differ per site)."""
         key_vaddr = vaddr if any(r.usdt is not None and r.usdt.symbol is not None
@@ -324,6 +386,12 @@ class Session:
     def _add_usdt(self, g: _Group, spec: ProbeSpec, path: str, p: Probe) -> None:
         info = ProbeInfo("usdt", p.binary, p.fullname, spec.text, len(p.sites))
         probe = _Probe(info)
+        for provider, name in companions_of(p.provider, p.name):
+            for other in self._usdt_probes(path, p.binary):
+                if (other.provider, other.name) == (provider, name):
+                    probe.companions.extend(sorted({(path, s.semaphore_offset)
+                                                    for s in other.sites
+                                                    if s.semaphore_offset}))
         for s in p.sites:
             n = max(len(s.args), len(spec.types))
             reads: list[ArgRead] = []
@@ -339,13 +407,14 @@ class Session:
                                        False, t))
                     continue
                 slot = -1
-                if t is not None and t.kind == "str" and a.available:
+                if t is not None and t.kind in ("str", "bytes") and a.available:
                     slot, nstr = nstr, nstr + 1
-                reads.append(ArgRead(usdt=a, str_slot=slot))
+                reads.append(_str_read(ArgRead(usdt=a, str_slot=slot), t, n, spec))
                 slots.append(_Slot(a.reason if not a.available else None, a.is_float, a.size,
                                    a.signed, t, slot))
             g.nargs = max(g.nargs, n)
             g.nstr = max(g.nstr, nstr)
+            g.str_size = max([g.str_size] + [r.str_bytes for r in reads])
             rid = self._reader(g, tuple(reads), s.address)
             ref = s.semaphore_offset if self.semaphore_mode == "kernel" else 0
             probe.sites.append(_Site(path, s.file_offset, ref, s.semaphore_offset, rid, slots,
@@ -371,18 +440,27 @@ class Session:
         vaddrs = {foff: img.offset_to_vaddr(foff) for _, foff in targets}
         ret = spec.kind == "uretprobe"
         types = spec.types or ((_DEFAULT_RET_TYPE,) if ret else (_DEFAULT_UPROBE_TYPE,) * 6)
-        regs = ("ax",) if ret else _UPROBE_REGS
-        if len(types) > len(regs):
-            raise ProbeSpecError(spec.text, f"at most {len(regs)} argument types")
+        regs = iter(("ax",) if ret else _UPROBE_REGS)
         reads, slots, nstr = [], [], 0
         for i, t in enumerate(types):
             slot = -1
-            if t is not None and t.kind == "str":
+            if t is not None and t.kind == "float":
+                # The x86-64 ABI passes floating-point values in xmm registers;
+                # a uprobe sees only the integer registers (pt_regs).
+                reads.append(ArgRead())
+                slots.append(_Slot(_XMM_REASON, False, 8, False, t))
+                continue
+            reg = next(regs, None)
+            if reg is None:
+                raise ProbeSpecError(spec.text, "at most 6 integer arguments (1 return value)"
+                                     " are in registers")
+            if t is not None and t.kind in ("str", "bytes"):
                 slot, nstr = nstr, nstr + 1
-            reads.append(ArgRead(reg=regs[i], str_slot=slot))
+            reads.append(_str_read(ArgRead(reg=reg, str_slot=slot), t, len(types), spec))
             slots.append(_Slot(None, False, 8, False, t or _DEFAULT_UPROBE_TYPE, slot))
         g.nargs = max(g.nargs, len(types))
         g.nstr = max(g.nstr, nstr)
+        g.str_size = max([g.str_size] + [r.str_bytes for r in reads])
         rid = self._reader(g, tuple(reads), 0)
         for name, foff in targets:
             probe = _Probe(ProbeInfo(spec.kind, shown, name, spec.text, 1))
@@ -394,17 +472,19 @@ class Session:
     def _spawn(self) -> None:
         """Start the command held before exec: a tiny Python waits on a pipe, then
         execs the command in place (same PID), so probes attached to the PID
-        see ``main``."""
-        assert self.command is not None
+        see ``main``. It execs the file the probes were resolved in (an ELF
+        file found on PATH, past wrapper scripts), with ``argv`` as given."""
+        assert self.command is not None and self._command_exe is not None
         r, w = os.pipe()
         hold = ("import os, sys\n"
                 "fd = int(sys.argv[1])\n"
                 "if os.read(fd, 1) != b'g': sys.exit(125)\n"
                 "os.close(fd)\n"
-                "os.execvp(sys.argv[2], sys.argv[2:])\n")
+                "os.execv(sys.argv[2], sys.argv[3:])\n")
         try:
             self._child = subprocess.Popen([sys.executable, "-S", "-c", hold, str(r),
-                                            *self.command], pass_fds=(r,))
+                                            self._command_exe, *self.command], pass_fds=(r,),
+                                           stdout=self.command_stdout)
         except OSError as err:
             os.close(r)
             os.close(w)
@@ -422,9 +502,12 @@ class Session:
             pass
         os.close(self._release_fd)
         self._release_fd = None
+        assert self._child is not None and self._command_exe is not None
+        if self._procmem is not None:
+            self._raise_after_exec()
+            return
         # Return once the command has replaced the holding shim, so that
         # /proc/PID describes the command (its maps, its exe) from now on.
-        assert self._child is not None and self._command_exe is not None
         want = os.path.realpath(self._command_exe)
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline and self._child.poll() is None:
@@ -434,6 +517,31 @@ class Session:
             except OSError:
                 break
             time.sleep(0.0005)
+
+    def _raise_after_exec(self) -> None:
+        """The exec hook stopped the command before its first instruction: raise
+        its semaphores in the new image, then let it run."""
+        assert self._child is not None and self._procmem is not None
+        pid = self._child.pid
+        deadline = time.monotonic() + 10.0
+        while True:
+            got, status = os.waitpid(pid, os.WNOHANG | os.WUNTRACED)
+            if got == pid and os.WIFSTOPPED(status):
+                break
+            if got == pid:  # it could not exec (or died) before running
+                self.exit_status = os.waitstatus_to_exitcode(status)
+                self._child.returncode = self.exit_status
+                return
+            if time.monotonic() > deadline:
+                raise ApptraceError(f"{shlex.join(self.command or [])} did not reach its exec"
+                                    " within 10 s")
+            time.sleep(0.0005)
+        try:
+            for binary, offset in self._procmem_later:
+                self._procmem.add(binary, offset)
+            self._procmem_later.clear()
+        finally:
+            os.kill(pid, signal.SIGCONT)
 
     RING_BUDGET_KB = 32 * 1024   # split across probe strings unless ringbuf_kb is given
 
@@ -522,6 +630,7 @@ class Session:
                 g = _Group(i, h)
                 self._resolve(h, g)
                 self._groups.append(g)
+            self._qualify_labels()
             if self.command is not None:
                 self._spawn()
             self._compile_and_attach()
@@ -546,10 +655,11 @@ class Session:
         pages = self._ring_pages(sum(1 for g in self._groups if not g.handle.fold))
         for g in self._groups:
             stack = self.stack_depth if g.handle.spec.stack else 0
-            plan = GroupPlan(g.gid, g.nargs, g.nstr, self.str_max, stack,
+            g.str_size = (max(self.str_max, g.str_size) + 7) & ~7
+            plan = GroupPlan(g.gid, g.nargs, g.nstr, g.str_size, stack,
                              pages, len(g.probes), g.reader_plans,
                              multi=self.multi, fold=g.handle.fold)
-            tables_ok = g.nstr == 0 and g.nargs <= MAX_TABLE_ARGS and not plan.fold
+            tables_ok = (g.nstr == 0 and 0 < g.nargs <= MAX_TABLE_ARGS and not plan.fold)
             plan.table = tables_ok and (len(g.reader_plans) > TABLE_THRESHOLD
                                         if self.arg_tables is None else self.arg_tables)
             if not self.multi:
@@ -561,6 +671,7 @@ class Session:
         hold = self._child is not None and self._wants_stacks and self.symbolize
         self._program = prog = Program(render(plans, hold_at_entry=hold))
         pid = self.target.pid if self.target else -1
+        self._attach_task_hooks(prog)
         if hold:
             self._attach_entry_hold(prog)
         for plan in plans:
@@ -568,6 +679,7 @@ class Session:
                 self._fill_specs(prog, plan)
         if self.semaphore_mode == "procmem" and self.target is not None:
             self._procmem = ProcMemSemaphores(self.target.pid)
+        self._attach_companions(prog, pid)
         self._epoll = select.epoll()
         for g in self._groups:
             assert g.plan is not None
@@ -594,13 +706,68 @@ class Session:
                 for p in g.probes:
                     for s in p.sites:
                         if s.semaphore_offset:
-                            self._procmem.add(s.binary, s.semaphore_offset)
+                            self._raise_procmem(s.binary, s.semaphore_offset)
             if g.plan.fold:
                 continue
             ring_fd = prog.map_fd(f"{g.plan.name}_rb")
             g.ring = RingReader(ring_fd, g.plan.ringbuf_pages * 4096, g.plan.event_struct(),
                                 probe_offset=_PROBE_AT)
             self._epoll.register(ring_fd, select.EPOLLIN)
+
+    def _ctl(self, slot: int, value: int) -> None:
+        assert self._program is not None
+        self._program.map("apptrace_ctl").update(_U32.pack(slot), _U64.pack(value))
+
+    def _attach_task_hooks(self, prog: Any) -> None:
+        """Renames invalidate the comm shortcut; a held command's launcher is not
+        traced, and its exec ends the hold (stopping it there for procmem)."""
+        if self._child is not None:
+            self._ctl(CTL_HELD, self._child.pid)
+            self._ctl(CTL_STOP_EXEC, int(self.semaphore_mode == "procmem"))
+        try:
+            prog.attach_raw_tracepoint(prog.load("apptrace_on_rename", raw_tracepoint=True),
+                                       "task_rename")
+        except ApptraceError:
+            self._ctl(CTL_NO_SHORTCUT, 1)  # no rename tracking: copy comm every time
+        if self._child is not None:
+            prog.attach_raw_tracepoint(prog.load("apptrace_on_exec", raw_tracepoint=True),
+                                       "sched_process_exec")
+
+    def _raise_procmem(self, binary: str, semaphore_offset: int) -> None:
+        """A spawned command's semaphores are raised after its exec, not in the launcher."""
+        assert self._procmem is not None
+        if self._child is not None and self._release_fd is not None:
+            self._procmem_later.append((binary, semaphore_offset))
+        else:
+            self._procmem.add(binary, semaphore_offset)
+
+    def _attach_companions(self, prog: Any, pid: int) -> None:
+        """Raise semaphores a probe needs without sending their events.
+
+        A no-op uprobe placed where the program runs once (``.fini``) carries
+        the semaphore as its ``ref_ctr_offset``: the kernel raises it in every
+        process that maps the binary, and the probe's own sites stay unhit.
+        """
+        done: set[tuple[str, int]] = set()
+        for g in self._groups:
+            for p in g.probes:
+                for binary, sem in p.companions:
+                    if (binary, sem) in done:
+                        continue
+                    done.add((binary, sem))
+                    if self._procmem is not None:
+                        self._raise_procmem(binary, sem)
+                        continue
+                    where = _quiet_offset(self._image(binary))
+                    if where is None:
+                        continue
+                    fd = prog.load("apptrace_noop", multi=self.multi)
+                    if self.multi:
+                        prog.attach_multi(fd, binary, [where], [sem], [0], pid, False,
+                                          f"{p.info.label} (companion semaphore)")
+                    else:
+                        prog.attach_perf(fd, binary, where, pid, sem, False,
+                                         f"{p.info.label} (companion semaphore)")
 
     @staticmethod
     def _cookie(probe: int, site: int, reader: int) -> int:
@@ -755,15 +922,17 @@ class Session:
                 if known is None:
                     known = comms[comm] = comm.split(b"\0", 1)[0].decode("utf-8", "replace")
                 name = thread_names[tid] = known
+            truncated: tuple[int, ...] = ()
             if flags or has_str:
-                args = self._slow_args(probes[pidx], site, rec[nh:nh + nargs],
-                                       rec[nh + nargs] if has_str else b"", flags)
+                args, truncated = self._slow_args(probes[pidx], site, rec[nh:nh + nargs],
+                                                  rec[nh + nargs] if has_str else b"", flags,
+                                                  g.str_size)
             else:
                 args = tuple([f(v) if f else v for f, v in zip(fns, rec[nh:])])
             stack_ips = None
             if plan.stack_depth:
                 stack_ips = tuple(rec[stack_base:stack_base + max(0, nstack) // 8])
-            append(make_event(ts, pid, tid, name, info, args, site, stack_ips))
+            append(make_event(ts, pid, tid, name, info, args, site, stack_ips, truncated))
         if plan.stack_depth and self.symbolize:
             anchors = []
             for r in recs:
@@ -799,9 +968,11 @@ class Session:
         return p.info, fns
 
     def _slow_args(self, p: _Probe, site: int, raw: tuple[int, ...], strs: bytes,
-                   flags: int) -> tuple[Any, ...]:
+                   flags: int, str_size: int) -> tuple[tuple[Any, ...], tuple[int, ...]]:
+        """Arguments with strings, faults or truncation; and the truncated indexes."""
         s = p.sites[site] if site < len(p.sites) else p.sites[0]
         args: list[Any] = []
+        truncated: list[int] = []
         for i, slot in enumerate(s.slots):
             if slot.unavailable is not None:
                 args.append(Unavailable(slot.unavailable))
@@ -809,18 +980,17 @@ class Session:
                 self._stats.read_faults += 1
                 args.append(Unavailable("memory read faulted"))
             else:
-                args.append(self._value(raw[i], slot, strs, flags))
-        return tuple(args)
+                args.append(self._value(raw[i], slot, strs, flags, raw, str_size))
+                if slot.str_slot >= 0 and flags & (1 << (FLAG_STR_TRUNC_SHIFT + slot.str_slot)):
+                    self._stats.truncated_strings += 1
+                    truncated.append(i)
+        return tuple(args), tuple(truncated)
 
-    def _value(self, v: int, slot: _Slot, strs: bytes, flags: int) -> Any:
+    def _value(self, v: int, slot: _Slot, strs: bytes, flags: int,
+               raw_args: tuple[int, ...] = (), str_size: int = 0) -> Any:
         t = slot.type
-        if t is not None and t.kind == "str" and slot.str_slot >= 0:
-            j = slot.str_slot
-            raw = strs[j * self.str_max:(j + 1) * self.str_max]
-            text = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
-            if flags & (1 << (FLAG_STR_TRUNC_SHIFT + j)):
-                self._stats.truncated_strings += 1
-            return text
+        if t is not None and t.kind in ("str", "bytes") and slot.str_slot >= 0:
+            return _string_value(t, strs, slot.str_slot, str_size, raw_args)
         if t is not None and t.kind == "float" or (t is None and slot.is_float):
             size = t.size if t is not None else slot.size
             if size == 4:
@@ -874,9 +1044,8 @@ class Session:
                         per = out.decode_errors_per_probe
                         per[label] = per.get(label, 0) + n
                         out.decode_errors += n
-                if g.handle.fold:
-                    for p in g.probes:
-                        out.per_probe.setdefault(p.info.label, 0)
+                for p in g.probes:  # attached but silent shows as 0, not as missing
+                    out.per_probe.setdefault(p.info.label, 0)
             for g, key, count in self._fold_rows():
                 out.per_probe[g.probes[key[1]].info.label] += count
                 out.events += count
@@ -948,12 +1117,24 @@ class Session:
         """The spawned command, if the session started one."""
         return self._child
 
+    def detach(self) -> None:
+        """Stop tracing: detach every probe, keep what was recorded readable.
+
+        Events still in the rings come out of :meth:`poll` (``flush=True``);
+        :meth:`stats` and :meth:`folded` read after this agree exactly, since
+        nothing can fire in between.
+        """
+        if self._program is not None:
+            with self._lock:
+                self._program.detach()
+
     def close(self) -> None:
         """Detach everything; drop procmem semaphores; free the BPF module."""
         if self._state == "closed":
             return
         if self._program is not None:
             try:
+                self.detach()
                 self.stats()
                 if any(g.handle.fold for g in self._groups):
                     self.folded()  # keep the counts readable after close

@@ -24,9 +24,15 @@ class TraceCommand(Command):
     the default). Target: -p PID, --path BIN (system-wide, including processes
     started later) or -- CMD ARGS... (spawned and held until attached).
 
+    Probe strings come before --; everything after -- is the command. With
+    a command, apptrace exits with the command's status (128+N when signal N
+    ended it), and the command's stdout goes to stderr while events go to
+    stdout (with -o FILE it stays on stdout), so `--json | jq` sees only JSON.
+
     Examples:
-      apptrace trace -p 1234 'usdt:python:function__entry(str,str,int)'
-      apptrace trace --json -- ./server 'uprobe:libssl:SSL_write(ptr,str,int)'
+      apptrace trace 'usdt:python:function__entry(str,str,int)' -- python3.11 -c 'print(1)'
+      apptrace trace --json 'uprobe:libc:getpid' -- python3.11 -c 'import os; os.getpid()'
+      apptrace trace -d 1 -p PID 'uprobe:libc:malloc(long)'
     """
 
     name = "trace"
@@ -81,7 +87,10 @@ class TraceCommand(Command):
         session: Optional[Session] = None
         n = 0
         try:
+            # Events on stdout: the command's own stdout goes to stderr, so the
+            # two never interleave (`apptrace trace --json -- CMD | jq`).
             session = Session(pid=args.pid, path=args.path, command=command,
+                              command_stdout=2 if command and out is sys.stdout else None,
                               semaphores=args.semaphores, str_max=args.str_max,
                               ringbuf_kb=args.ring_mb * 1024 if args.ring_mb else None)
             for p in args.probes:
@@ -111,6 +120,9 @@ class TraceCommand(Command):
                         break
             except KeyboardInterrupt:
                 pass
+            # Nothing fires from here on: the last events, the folded stacks
+            # and the counts below all describe the same instant.
+            session.detach()
             if args.count is None or n < args.count:
                 for ev in session.poll(0, flush=True):  # held back for ordering
                     _emit(ev, out, args.json)
@@ -138,7 +150,15 @@ class TraceCommand(Command):
             if warnings:
                 print(f"apptrace: warning: {len(warnings)} problem(s) while symbolizing;"
                       f" last: {warnings[-1]}", file=sys.stderr)
+        return command_status(session.exit_status if command else None)
+
+
+def command_status(status: Optional[int]) -> int:
+    """apptrace's exit status for a traced command's: its own, or 128+N for a
+    signal N (as the shell, time, timeout and strace report it)."""
+    if status is None:
         return 0
+    return 128 - status if status < 0 else status
 
 
 def _emit(ev: Event, out: TextIO, as_json: bool) -> None:

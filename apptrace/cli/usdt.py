@@ -6,7 +6,9 @@ import argparse
 import sys
 
 from apptrace.cli.base import Command, CommandError, print_json
+from apptrace.errors import NoProbesError
 from apptrace.usdt import Probe, list_probes
+from apptrace.usdt.companions import companions_of
 
 
 class UsdtListCommand(Command):
@@ -28,7 +30,19 @@ class UsdtListCommand(Command):
     def run(self, args: argparse.Namespace) -> int:
         if not args.targets and args.pid is None:
             raise CommandError("usdt list: give at least one TARGET or -p PID")
-        probes = list_probes(args.targets, pid=args.pid)
+        probes: list[Probe] = []
+        empty: list[str] = []  # named targets without probes: said, not fatal
+        if len(args.targets) > 1:
+            for t in args.targets:
+                try:
+                    probes.extend(list_probes([t], pid=args.pid))
+                except NoProbesError as err:
+                    empty.append(t)
+                    print(f"apptrace: {err}", file=sys.stderr)
+            if not probes:
+                raise CommandError(f"usdt list: no USDT probes in {', '.join(empty)}", 1)
+        else:
+            probes = list_probes(args.targets, pid=args.pid)
         if args.json:
             print_json([p.to_json() for p in probes])
             return 0
@@ -51,6 +65,10 @@ def _table(probes: list[Probe], verbose: bool) -> None:
         out.write(f"{p.binary:<{binw}}  {p.fullname:<{namew}}  {len(p.sites):>5}  "
                   f"{'yes' if p.has_semaphore else 'no':>4}  {args}\n")
         if verbose:
+            for provider, name in companions_of(p.provider, p.name):
+                out.write(f"    tracing it also raises {provider}:{name}'s semaphore (the"
+                          " interpreter reaches this probe only on its tracing path),"
+                          " without tracing that probe\n")
             for s in p.sites:
                 sema = f" sema={s.semaphore_address:#x}@{s.semaphore_offset:#x}" \
                     if s.semaphore else ""

@@ -1,9 +1,9 @@
 """`apptrace trace` end to end: the real CLI, real BPF, real fixture processes.
 
 Each test runs the installed ``.venv/bin/apptrace`` in a subprocess (the CLI
-spawns commands and owns stdout). A spawned command shares apptrace's stdout,
-so the fixture's own lines show up there too; JSON events are the lines that
-start with ``{``.
+spawns commands and owns stdout). A spawned command's stdout goes to
+apptrace's stderr while events go to stdout (to the command's stdout with
+``-o FILE``); JSON events are the lines that start with ``{``.
 """
 
 from __future__ import annotations
@@ -78,9 +78,10 @@ def test_json_lines_and_count(fixtures_dir: Path) -> None:
         assert ev["pid"] == ev["tid"] == evs[0]["pid"]
     assert [ev["args"] for ev in evs] == [[i] for i in range(5)]
     assert [ev["ts_ns"] for ev in evs] == sorted(ev["ts_ns"] for ev in evs)
-    # Everything else on stdout is the command's own output, untouched.
-    others = [ln for ln in r.stdout.splitlines() if not ln.startswith("{")]
-    assert others == ["early 2 24301"] + [f"tick {i}" for i in range(50)] + ["done"]
+    # stdout is JSON only; the command's own output went to stderr, untouched.
+    assert all(ln.startswith("{") for ln in r.stdout.splitlines()), r.stdout
+    mine = [ln for ln in r.stderr.splitlines() if not ln.startswith(("apptrace", "  "))]
+    assert mine == ["early 2 24301"] + [f"tick {i}" for i in range(50)] + ["done"]
 
 
 def test_json_value_types(fixtures_dir: Path, tmp_path: Path) -> None:
