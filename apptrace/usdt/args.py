@@ -208,6 +208,8 @@ def _parse_terms(text: str) -> tuple[int, Optional[str], Optional[str]]:
             return 0, None, f"cannot parse displacement {text!r}"
     if text[pos:].strip():
         return 0, None, f"cannot parse displacement {text!r}"
+    if not -(1 << 63) <= disp < (1 << 63):
+        return 0, None, f"displacement {text!r} is out of the 64-bit range"
     return disp, symbol, None
 
 
@@ -360,6 +362,10 @@ def parse_arguments(text: str, resolve: Optional[SymbolResolver] = None) -> list
             if vaddr is None:
                 a = _unavailable(a.spec, a.size, a.signed, a.is_float,
                                  why or f"symbol {a.symbol!r} not found")
+            elif not 0 <= vaddr + a.displacement < (1 << 64):
+                a = _unavailable(a.spec, a.size, a.signed, a.is_float,
+                                 f"symbol {a.symbol!r} + {a.displacement} is outside the"
+                                 " address space")
             else:
                 a = replace(a, address=vaddr + a.displacement)
         out.append(a)
