@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno as _errno
 import os
+import re
 import struct
 import tempfile
 from typing import Any, Iterator, Sequence
@@ -40,6 +42,7 @@ from apptrace.errors import (
     ApptraceError,
     AttachError,
     BccUnavailableError,
+    BpfError,
     SemaphoreConflictError,
     TracePermissionError,
 )
@@ -93,17 +96,11 @@ def compile_c(text: str) -> CompiledObject:
         with _captured_stderr() as noise:
             b = bcc.BPF(text=text.encode())
     except Exception as err:  # bcc raises bare Exception; clang's text went to fd 2
-        detail = noise.text().strip().splitlines()[-3:]
-        if detail:
-            err = type(err)(f"{err}: " + " | ".join(detail))
         from apptrace.capabilities import has_trace_privileges
 
         if not has_trace_privileges():
             raise TracePermissionError(f"cannot load BPF programs ({err})") from err
-        raise BccUnavailableError(
-            f"bcc failed to compile the generated program ({err})",
-            hint="kernel headers must be usable: run `make setup` or `apptrace doctor`",
-        ) from err
+        raise _compile_error(noise.text(), err) from err
     try:
         maps, fd_names = [], {}
         for i in range(lib.bpf_num_tables(b.module)):
@@ -126,6 +123,37 @@ def compile_c(text: str) -> CompiledObject:
         return CompiledObject(tuple(maps), functions, relocs, license)
     finally:
         b.cleanup()
+
+
+def _compile_error(noise: str, err: Exception) -> ApptraceError:
+    """Say what failed: a map the kernel refused, missing kernel headers, or
+    C that does not compile (our bug). Only the second is about headers."""
+    m = re.search(r"could not open bpf map: (\S+), error: ([^\n]+)", noise)
+    if m:
+        name, why = m.group(1), m.group(2).strip()
+        if name.endswith("_rb"):
+            hint = ("a ring buffer must be a power-of-two number of pages the kernel"
+                    " accepts (at most 2 GiB) and can allocate: lower --ring-mb")
+        elif "too long" in why or "allocate" in why:
+            hint = "the map is larger than the kernel allows: lower --ring-mb or --str-max"
+        else:
+            hint = "run `apptrace doctor`"
+        code = next((c for c, text in _MAP_ERRNOS.items() if text in why), 0)
+        return BpfError(f"the kernel refused BPF map {name}: {why}", errno=code, hint=hint)
+    lines = [ln for ln in noise.splitlines() if "error:" in ln]
+    first = lines[0].split("error:", 1)[1].strip() if lines else str(err)
+    if "file not found" in first or "kernel headers" in noise:
+        return BccUnavailableError(
+            f"bcc cannot compile BPF programs here: {first}",
+            hint="kernel headers must be usable: run `make setup` or `apptrace doctor`")
+    return BccUnavailableError(
+        f"bcc could not compile the generated program: {first}",
+        hint="this is a bug in apptrace's code generator; please report it with this"
+             " message")
+
+
+_MAP_ERRNOS = {_errno.E2BIG: "Argument list too long", _errno.ENOMEM: "Cannot allocate memory",
+               _errno.EINVAL: "Invalid argument", _errno.EPERM: "Operation not permitted"}
 
 
 class Program:
@@ -229,7 +257,8 @@ def _captured_stderr() -> Iterator[_Noise]:
             noise.data = tmp.read()
 
 
-def _attach_error(errno: int, probe: str, path: str, offset: int, ref: int) -> AttachError:
+def _attach_error(errno: int, probe: str, path: str, offset: int, ref: int,
+                  offsets: Sequence[int] = ()) -> AttachError:
     import errno as E
 
     where = f"{path}+{offset:#x}"
@@ -241,8 +270,18 @@ def _attach_error(errno: int, probe: str, path: str, offset: int, ref: int) -> A
             f"the kernel refused {probe} at {where}: another uprobe already sits on this"
             f" site with a different semaphore offset (ref_ctr_offset {ref:#x})",
             errno=errno, probe=probe,
-            hint="another tracer (bpftrace, bcc, perf) holds a plain uprobe here; stop it,"
-                 " or use --semaphores procmem")
+            hint="another tracer (bpftrace, bcc, perf, apptrace --semaphores procmem) holds"
+                 " a plain uprobe here; stop it, or use --semaphores procmem")
+    if errno == E.EINVAL and _semaphore_site(path, offsets or (offset,)):
+        # The same refusal seen from the other side: we attach without a
+        # ref_ctr_offset (procmem mode) where a uprobe with one already is.
+        return SemaphoreConflictError(
+            f"the kernel refused {probe} at {where}: this USDT site has a semaphore and"
+            " another uprobe already sits on it with the kernel's semaphore handling"
+            " (ref_ctr_offset); the kernel will not mix it with one without",
+            errno=errno, probe=probe,
+            hint="another tracer (apptrace in the default kernel mode, bpftrace, bcc) holds"
+                 " this probe; stop it, or use --semaphores kernel as it does")
     if errno == E.ENOENT:
         return AttachError(f"{path} vanished while attaching {probe}", errno=errno,
                            probe=probe)
@@ -253,6 +292,19 @@ def _attach_error(errno: int, probe: str, path: str, offset: int, ref: int) -> A
                        errno=errno, probe=probe)
 
 
+def _semaphore_site(path: str, offsets: Sequence[int]) -> bool:
+    """Is any of these file offsets a USDT site with a semaphore? (only asked
+    to explain a refusal, so reading the notes again costs nothing that matters)"""
+    from apptrace.usdt.notes import ElfImage
+
+    try:
+        with ElfImage(path) as img:
+            sema = {s.file_offset for s in img.sites() if s.semaphore_offset}
+    except ApptraceError:
+        return False
+    return any(o in sema for o in offsets)
+
+
 def attach_uprobe_perf(prog_fd: int, path: str, offset: int, pid: int, ref_ctr_offset: int,
                        retprobe: bool, probe: str) -> tuple[int, bytes]:
     """One perf-event uprobe through libbcc's 7-argument ``bpf_attach_uprobe``."""
@@ -260,7 +312,7 @@ def attach_uprobe_perf(prog_fd: int, path: str, offset: int, pid: int, ref_ctr_o
     evname = b"apptrace_%d_%x_%d" % (os.getpid(), offset, len(path)) + os.urandom(4).hex().encode()
     with _captured_stderr():  # libbcc reports failures on fd 2; we raise instead
         ctypes.set_errno(0)
-        fd = lib.bpf_attach_uprobe(prog_fd, 1 if retprobe else 0, evname, path.encode(),
+        fd = lib.bpf_attach_uprobe(prog_fd, 1 if retprobe else 0, evname, os.fsencode(path),
                                    offset, pid, ref_ctr_offset)
         err = ctypes.get_errno() or 22
         if fd < 0:
@@ -275,7 +327,7 @@ def attach_uprobe_multi(prog_fd: int, path: str, offsets: Sequence[int],
                         retprobe: bool, probe: str) -> int:
     """One uprobe_multi link for every offset of one file (kernel >= 6.6)."""
     n = len(offsets)
-    cpath = ctypes.create_string_buffer(path.encode())
+    cpath = ctypes.create_string_buffer(os.fsencode(path))
     offs = (ctypes.c_uint64 * n)(*offsets)
     refs = (ctypes.c_uint64 * n)(*ref_ctr_offsets)
     cks = (ctypes.c_uint64 * n)(*cookies)
@@ -289,7 +341,7 @@ def attach_uprobe_multi(prog_fd: int, path: str, offsets: Sequence[int],
     fd, err = bpf(BPF_LINK_CREATE, attr)
     if fd < 0:
         bad = next((r for r in ref_ctr_offsets if r), 0)
-        raise _attach_error(err, probe, path, offsets[0] if offsets else 0, bad)
+        raise _attach_error(err, probe, path, offsets[0] if offsets else 0, bad, offsets)
     return fd
 
 
