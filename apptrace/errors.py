@@ -33,6 +33,7 @@ __all__ = [
     "OutputError",
     "SemaphoreError",
     "BpfError",
+    "ExpressionError",
 ]
 
 
@@ -274,4 +275,15 @@ class JvmProbesMissingError(ApptraceError, LookupError):
             hint="run the application on a JDK built with DTrace probes (--enable-dtrace);"
                  " no JVM flag can add them")
         self.path = path
+        self.reason = reason
+
+
+class ExpressionError(ApptraceError, ValueError):
+    """A filter or aggregation expression that cannot be compiled, with its column."""
+
+    def __init__(self, text: str, column: int, reason: str) -> None:
+        pointer = " " * (column - 1) + "^"
+        super().__init__(f"column {column}: {reason}\n  {text}\n  {pointer}")
+        self.text = text
+        self.column = column
         self.reason = reason
