@@ -25,6 +25,9 @@ __all__ = [
     "is_root",
     "has_ringbuf",
     "has_uprobe_multi",
+    "ringbuf_status",
+    "uprobe_multi_status",
+    "tracefs_mounts",
     "has_ref_ctr_offset",
     "tracefs_path",
     "bcc_status",
@@ -51,10 +54,11 @@ class Check:
     detail: str
     fix: str = ""
     required: bool = True
+    checked: bool = True   # False: could not run here (no privilege); ``ok`` means nothing
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "ok": self.ok, "detail": self.detail, "fix": self.fix,
-                "required": self.required}
+                "required": self.required, "checked": self.checked}
 
 
 def bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> tuple[int, int]:
@@ -114,24 +118,37 @@ def can_load_bpf() -> tuple[bool, str]:
     return False, f"BPF_PROG_LOAD failed: {os.strerror(err)}"
 
 
+_DENIED = (_errno.EPERM, _errno.EACCES)
+
+
 @lru_cache(maxsize=None)
-def has_ringbuf() -> bool:
+def ringbuf_status() -> Optional[bool]:
+    """Can a BPF ring buffer be created? None: not allowed to ask (no privilege)."""
     a = _attr()
     struct.pack_into("<IIII", a, 0, BPF_MAP_TYPE_RINGBUF, 0, 0, 4096)
-    fd, _ = bpf(BPF_MAP_CREATE, a)
+    fd, err = bpf(BPF_MAP_CREATE, a)
     if fd >= 0:
         os.close(fd)
         return True
-    return False
+    return None if err in _DENIED and not has_trace_privileges() else False
+
+
+def has_ringbuf() -> bool:
+    return bool(ringbuf_status())
+
+
+def has_uprobe_multi() -> bool:
+    return bool(uprobe_multi_status())
 
 
 @lru_cache(maxsize=None)
-def has_uprobe_multi() -> bool:
+def uprobe_multi_status() -> Optional[bool]:
     """Load a kprobe program for BPF_TRACE_UPROBE_MULTI and ask for a link on
-    "/": a kernel with uprobe_multi answers EBADF (not a regular file)."""
-    fd, _ = _load_trivial(BPF_PROG_TYPE_KPROBE, BPF_TRACE_UPROBE_MULTI)
+    "/": a kernel with uprobe_multi answers EBADF (not a regular file).
+    None: not allowed to load the program, so the kernel was not asked."""
+    fd, err = _load_trivial(BPF_PROG_TYPE_KPROBE, BPF_TRACE_UPROBE_MULTI)
     if fd < 0:
-        return False
+        return None if err in _DENIED and not has_trace_privileges() else False
     try:
         path = ctypes.create_string_buffer(b"/")
         offs = (ctypes.c_uint64 * 1)(0)
@@ -160,6 +177,21 @@ def tracefs_path() -> Optional[str]:
         if os.path.exists(f"{p}/uprobe_events"):
             return p
     return None
+
+
+def tracefs_mounts() -> list[str]:
+    """Where tracefs is mounted, from /proc/self/mountinfo (readable by anyone,
+    unlike tracefs itself)."""
+    out = []
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                if right.split(" ", 1)[0] == "tracefs":
+                    out.append(left.split()[4].replace("\\040", " "))
+    except OSError:
+        pass
+    return out
 
 
 @lru_cache(maxsize=None)
@@ -202,19 +234,32 @@ def run_checks(*, progress: Optional[Callable[[str], None]] = None) -> list[Chec
 
     step("privileges")
     caps = _cap_eff()
-    checks.append(Check("privileges", has_trace_privileges(),
+    privileged = has_trace_privileges()
+    checks.append(Check("privileges", privileged,
                         f"euid {os.geteuid()}, effective capabilities {caps:#x}",
                         "run as root with its capabilities, or grant CAP_BPF and CAP_PERFMON"))
     checks.append(Check("kernel", True, f"{platform.system()} {platform.release()}",
                         required=False))
+    # Without privilege some checks cannot ask the kernel at all: say so rather
+    # than report a missing feature (a wrong cause sends users the wrong way).
+    unprivileged = ("not checked: asking the kernel needs CAP_BPF+CAP_PERFMON (root with its"
+                    " capabilities has them)")
+    again = "run `apptrace doctor` as root to check it"
     step("bpf")
     ok, detail = can_load_bpf()
-    checks.append(Check("bpf program load", ok, detail,
+    checks.append(Check("bpf program load", ok,
+                        detail + ("" if ok or privileged else
+                                  " (without root or CAP_BPF, as expected)"),
                         "run as root; check kernel.unprivileged_bpf_disabled and lockdown"))
     step("tracefs")
     tp = tracefs_path()
-    checks.append(Check("tracefs", tp is not None, tp or "not mounted",
-                        "mount -t tracefs nodev /sys/kernel/tracing"))
+    mounts = tracefs_mounts()
+    if tp is None and mounts and not privileged:
+        checks.append(Check("tracefs", False, f"mounted at {', '.join(mounts)}; {unprivileged}",
+                            again, checked=False))
+    else:
+        checks.append(Check("tracefs", tp is not None, tp or "not mounted",
+                            "mount -t tracefs nodev /sys/kernel/tracing"))
     pmu = os.path.exists(f"{UPROBE_PMU}/type")
     checks.append(Check("uprobe PMU", pmu, UPROBE_PMU if pmu else "missing",
                         "kernel needs CONFIG_UPROBE_EVENTS"))
@@ -222,17 +267,32 @@ def run_checks(*, progress: Optional[Callable[[str], None]] = None) -> list[Chec
                         "supported" if has_ref_ctr_offset() else "missing",
                         "kernel >= 4.20; otherwise use --semaphores procmem",
                         required=False))
-    checks.append(Check("BPF ring buffer", has_ringbuf(),
-                        "supported" if has_ringbuf() else "map creation refused",
-                        "kernel >= 5.8 with BPF ring buffers"))
-    checks.append(Check("uprobe_multi link", has_uprobe_multi(),
-                        "supported" if has_uprobe_multi() else "not supported",
-                        "kernel >= 6.6; without it each site is a separate perf event",
-                        required=False))
+    rb = ringbuf_status()
+    if rb is None:
+        checks.append(Check("BPF ring buffer", False, unprivileged, again, checked=False))
+    else:
+        checks.append(Check("BPF ring buffer", rb,
+                            "supported" if rb else "map creation refused",
+                            "kernel >= 5.8 with BPF ring buffers"))
+    um = uprobe_multi_status()
+    if um is None:
+        checks.append(Check("uprobe_multi link", False, unprivileged, again, required=False,
+                            checked=False))
+    else:
+        checks.append(Check("uprobe_multi link", um, "supported" if um else "not supported",
+                            "kernel >= 6.6; without it each site is a separate perf event",
+                            required=False))
     step("bcc")
-    ok, detail = bcc_status()
-    checks.append(Check("bcc", ok, detail,
-                        "apt-get install python3-bpfcc and kernel headers; run `make setup`"))
+    if privileged:
+        ok, detail = bcc_status()
+        checks.append(Check("bcc", ok, detail,
+                            "apt-get install python3-bpfcc and kernel headers; run `make setup`"))
+    else:
+        ok, detail = bcc_status(False)
+        checks.append(Check("bcc", ok, f"{detail}; compiling and loading {unprivileged}"
+                            if ok else detail,
+                            again if ok else "apt-get install python3-bpfcc; run `make setup`",
+                            checked=not ok))
     step("symbolizer")
     ok, detail = symbolizer_available()
     checks.append(Check("symbolizer (blazesym)", ok, detail, "run `make blazesym`",

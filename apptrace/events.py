@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
+from apptrace.output import escape_text
+
 if TYPE_CHECKING:
     from apptrace.symbolize import StackFrame
 
@@ -74,14 +76,16 @@ class Event:
         return out
 
     def format(self) -> str:
+        """One line for a terminal: every non-printable character escaped (a process
+        may name itself with escape sequences); :meth:`to_json` stays exact."""
         parts = []
         for i, a in enumerate(self.args):
             if isinstance(a, (str, bytes)):
                 parts.append(repr(a) + ("[truncated]" if i in self.truncated else ""))
             else:
                 parts.append(str(a))
-        return (f"{self.ts_ns / 1e9:.6f} {self.comm}[{self.pid}/{self.tid}]"
-                f" {self.probe.label} " + " ".join(parts)).rstrip()
+        return escape_text(f"{self.ts_ns / 1e9:.6f} {self.comm}[{self.pid}/{self.tid}]"
+                           f" {self.probe.label} " + " ".join(parts)).rstrip()
 
 
 def _json_arg(a: Any) -> Any:

@@ -12,17 +12,15 @@ sequences) when printed as text; JSON output needs none of this.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno as _errno
 import os
 import stat
 import struct
-from typing import IO, Optional, TextIO
+from typing import IO, Any, Optional, TextIO
 
 from apptrace.errors import OutputError
 
-__all__ = ["open_private", "open_output", "escape_text", "TextOutput"]
+__all__ = ["open_private", "open_output", "escape_text", "TextOutput", "EscapingWriter"]
 
 _MAX_LINKS = 40  # symbolic links followed in one path, as the kernel allows
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
@@ -36,13 +34,17 @@ _PSEUDO_FS = {
     0x6E736673: "nsfs", 0x67596969: "rpc_pipefs", 0xF97CFF8C: "selinuxfs",
 }
 
-_libc: Optional[ctypes.CDLL] = None
+_libc: Any = None
 
 
 def _fs_type(fd: int) -> Optional[int]:
     """The filesystem magic number of an open file (``fstatfs``), None if unknown."""
     global _libc
+    import ctypes  # here: `apptrace usdt list` never opens an output file
+
     if _libc is None:
+        import ctypes.util
+
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on x86-64
     if _libc.fstatfs(fd, buf) != 0:
@@ -287,3 +289,16 @@ def escape_text(text: str) -> str:
         else:
             out.append(f"\\U{code:08x}")
     return "".join(out)
+
+
+class EscapingWriter:
+    """Writes text through :func:`escape_text`, line by line (newlines kept)."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+
+    def write(self, s: str) -> int:
+        return self._stream.write("\n".join(escape_text(part) for part in s.split("\n")))
+
+    def flush(self) -> None:
+        self._stream.flush()

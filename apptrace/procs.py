@@ -14,14 +14,16 @@ from typing import Optional
 
 from apptrace.errors import (
     BinaryNotFoundError,
+    CommandNotFoundError,
     KernelThreadError,
     ProcessGoneError,
     ProcessNotFoundError,
+    SpawnError,
     TracePermissionError,
 )
 
 __all__ = ["ProcessRef", "Mapping", "read_maps", "resolve_binary", "mapped_objects",
-           "proc_stat", "start_ticks"]
+           "proc_stat", "start_ticks", "check_executable"]
 
 PF_KTHREAD = 0x00200000  # task flag of kernel threads (include/linux/sched.h)
 
@@ -197,6 +199,27 @@ def which_elf(name: str) -> Optional[str]:
         except OSError:
             continue
     return None
+
+
+def check_executable(path: str, shown: str) -> None:
+    """A command must be an executable regular file: say so before spawning it,
+    rather than letting exec fail in the child."""
+    import stat
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError as err:
+        raise CommandNotFoundError(shown) from err
+    except OSError as err:
+        raise SpawnError(f"cannot run {shown!r}: {err.strerror}", command=shown,
+                         errno=err.errno or 0) from err
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise SpawnError(f"cannot run {shown!r}: {path} is {kind}", command=shown,
+                         errno=21 if stat.S_ISDIR(st.st_mode) else 13)
+    if not os.access(path, os.X_OK):
+        raise SpawnError(f"cannot run {shown!r}: {path} is not executable", command=shown,
+                         errno=13, hint="chmod +x it, or run it through its interpreter")
 
 
 def resolve_binary(name: str, pid: Optional[int] = None) -> str:

@@ -46,15 +46,28 @@ from apptrace.codegen import (
 )
 from apptrace.errors import (
     ApptraceError,
+    CommandNotFoundError,
     ElfError,
     NoProbesError,
+    OptionError,
     ProbeNotFoundError,
     ProbeSpecError,
+    SessionStateError,
+    SpawnError,
     TracePermissionError,
 )
 from apptrace.events import Event, ProbeInfo, RawBatch, Stats, Unavailable, make_event
+from apptrace.options import (
+    BATCH_MS,
+    RING_KB,
+    STACK_DEPTH,
+    STR_MAX,
+    check_event_fits,
+    check_int,
+    check_seconds,
+)
 from apptrace.probes import ArgType, ProbeSpec, parse_probe
-from apptrace.procs import ProcessRef, mapped_objects, resolve_binary
+from apptrace.procs import ProcessRef, check_executable, mapped_objects, resolve_binary
 from apptrace.semaphores import ProcMemSemaphores
 from apptrace.usdt.args import Argument
 from apptrace.usdt.companions import companions_of
@@ -205,14 +218,22 @@ class Session:
                  symbolize: bool = True, multi: Optional[bool] = None,
                  arg_tables: Optional[bool] = None, batch_ms: float = 5.0,
                  command_stdout: Optional[int] = None) -> None:
-        if sum(x is not None for x in (pid, path, command)) > 1:
-            raise ValueError("give at most one of pid, path, command")
+        given = {k: v for k, v in (("pid", pid), ("path", path), ("command", command))
+                 if v is not None}
+        if len(given) > 1:
+            raise OptionError("target", given, "at most one of pid, path, command")
         if semaphores not in ("kernel", "procmem"):
-            raise ValueError("semaphores must be 'kernel' or 'procmem'")
+            raise OptionError("semaphores", semaphores, "'kernel' or 'procmem'")
         if semaphores == "procmem" and pid is None and command is None:
-            raise ApptraceError("--semaphores procmem needs a PID (or a spawned command):"
-                                " it writes the target's memory",
-                                hint="use the default kernel mode for system-wide tracing")
+            raise OptionError("semaphores", semaphores,
+                              "'kernel' without a pid or command: procmem writes one"
+                              " process's memory")
+        str_max = check_int("str_max", str_max, *STR_MAX)
+        if ringbuf_kb is not None:
+            ringbuf_kb = check_int("ringbuf_kb", ringbuf_kb, *RING_KB)
+        stack_depth = check_int("stack_depth", stack_depth, *STACK_DEPTH)
+        batch_ms = check_seconds("batch_ms", batch_ms, allow_zero=True, hi=BATCH_MS[1],
+                                 unit="milliseconds")
         self.target: Optional[ProcessRef] = ProcessRef.from_pid(pid) if pid is not None \
             else None
         self.path = resolve_binary(path) if path is not None else None
@@ -267,7 +288,7 @@ class Session:
         events; read them with :meth:`folded`.
         """
         if self._state != "new":
-            raise ApptraceError("probes must be added before the session starts")
+            raise SessionStateError("probes must be added before the session starts")
         h = ProbeHandle(parse_probe(spec, stack=stack or fold), _session=self, fold=fold)
         self._handles.append(h)
         return h
@@ -480,7 +501,11 @@ class Session:
                 "fd = int(sys.argv[1])\n"
                 "if os.read(fd, 1) != b'g': sys.exit(125)\n"
                 "os.close(fd)\n"
-                "os.execv(sys.argv[2], sys.argv[3:])\n")
+                "try:\n"
+                "    os.execv(sys.argv[2], sys.argv[3:])\n"
+                "except OSError as e:\n"
+                "    sys.stderr.write(f'apptrace: cannot run {sys.argv[3]}: {e.strerror}\\n')\n"
+                "    sys.exit(127 if e.errno == 2 else 126)\n")
         try:
             self._child = subprocess.Popen([sys.executable, "-S", "-c", hold, str(r),
                                             self._command_exe, *self.command], pass_fds=(r,),
@@ -488,7 +513,8 @@ class Session:
         except OSError as err:
             os.close(r)
             os.close(w)
-            raise ApptraceError(f"cannot start {shlex.join(self.command)}: {err}") from err
+            raise SpawnError(f"cannot start {shlex.join(self.command)}: {err.strerror or err}",
+                             command=self.command[0], errno=err.errno or 0) from err
         os.close(r)
         self._release_fd = w
         self.target = ProcessRef.from_pid(self._child.pid)
@@ -533,8 +559,8 @@ class Session:
                 self._child.returncode = self.exit_status
                 return
             if time.monotonic() > deadline:
-                raise ApptraceError(f"{shlex.join(self.command or [])} did not reach its exec"
-                                    " within 10 s")
+                raise SpawnError(f"{shlex.join(self.command or [])} did not reach its exec"
+                                 " within 10 s", command=(self.command or [""])[0])
             time.sleep(0.0005)
         try:
             for binary, offset in self._procmem_later:
@@ -607,10 +633,10 @@ class Session:
         """Resolve every probe, compile once, attach, then release a held command."""
         if self._state != "new":
             if self._state == "closed":
-                raise ApptraceError("this session is closed; sessions are single-use")
+                raise SessionStateError("this session is closed; sessions are single-use")
             return
         if not self._handles:
-            raise ApptraceError("no probes added")
+            raise SessionStateError("no probes added")
         if not capabilities.has_trace_privileges():
             raise TracePermissionError("not allowed to load BPF programs or attach uprobes")
         t0 = time.monotonic()
@@ -621,8 +647,8 @@ class Session:
                 try:
                     self._command_exe = resolve_binary(self.command[0])
                 except ProbeNotFoundError as err:
-                    raise ApptraceError(f"cannot run {self.command[0]!r}: command not found"
-                                        ) from err
+                    raise CommandNotFoundError(self.command[0]) from err
+                check_executable(self._command_exe, self.command[0])
             elif self.target is not None:
                 self.target.check()
             # A command's probes resolve against its binary before it runs.
@@ -666,6 +692,8 @@ class Session:
                 plan.site_cookies = sorted({self._cookie(pi, si, s.reader)
                                             for pi, p in enumerate(g.probes)
                                             for si, s in enumerate(p.sites)})
+            if not plan.fold:
+                check_event_fits(plan.event_struct().size, plan.ringbuf_pages * 4096)
             g.plan = plan
             plans.append(plan)
         hold = self._child is not None and self._wants_stacks and self.symbolize
@@ -772,7 +800,8 @@ class Session:
     @staticmethod
     def _cookie(probe: int, site: int, reader: int) -> int:
         if site > 0xFFFF or reader > 0xFFFF:
-            raise ApptraceError("more than 65535 sites or argument layouts in one probe string")
+            raise OptionError("sites or argument layouts in one probe string",
+                              max(site, reader) + 1, "at most 65536: narrow the probe string")
         return (probe << 32) | (site << 16) | reader
 
     # -- reading --------------------------------------------------------------
@@ -867,6 +896,9 @@ class Session:
 
     def events(self, timeout: Optional[float] = None, *, idle: float = 0.2) -> Iterator[Event]:
         """Yield events until ``timeout`` seconds pass (None: until the target exits)."""
+        if timeout is not None:
+            timeout = check_seconds("timeout", timeout, allow_zero=True)
+        idle = check_seconds("idle", idle)
         self.start()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -884,6 +916,10 @@ class Session:
     def run(self, callback: Callable[[Event], Any], *, duration: Optional[float] = None,
             count: Optional[int] = None) -> Stats:
         """Call ``callback`` per event until duration/count is reached or the target exits."""
+        if duration is not None:
+            duration = check_seconds("duration", duration)
+        if count is not None:
+            count = check_int("count", count, 1)
         n = 0
         for ev in self.events(duration):
             callback(ev)

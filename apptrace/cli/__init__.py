@@ -2,24 +2,39 @@
 
 Only this package prints or exits. Library errors (:class:`ApptraceError`)
 become one line on stderr and exit status 1; bad usage exits 2.
+
+Every way apptrace ends except SIGKILL cleans up (detaches, lowers procmem
+semaphores, stops a spawned command): SIGINT exits 130, SIGTERM and SIGHUP
+128+N, a reader that closes the pipe (``apptrace ... | head``) 141, quietly.
+After a SIGKILL, ``apptrace semaphores -p PID --reset`` lowers what the
+killed tracer left raised.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from typing import Optional, Sequence
 
-from apptrace.cli.base import Command, CommandError
+from apptrace.cli.base import (
+    Command,
+    CommandError,
+    SignalExit,
+    install_signal_handlers,
+    say,
+)
 from apptrace.cli.doctor import DoctorCommand
+from apptrace.cli.semaphores import SemaphoresCommand
 from apptrace.cli.trace import TraceCommand
 from apptrace.cli.usdt import UsdtListCommand
 from apptrace.errors import ApptraceError
 
 __all__ = ["main", "Command", "CommandError"]
 
-COMMANDS: list[type[Command]] = [UsdtListCommand, TraceCommand, DoctorCommand]
+COMMANDS: list[type[Command]] = [UsdtListCommand, TraceCommand, DoctorCommand,
+                                 SemaphoresCommand]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,18 +78,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not getattr(args._command, "takes_command", False):
             parser.error(f"{args._command.name} does not run a command (remove --)")
         args.command_argv = command_argv
-    # Leave SIGPIPE to the OS so `apptrace ... | head` ends quietly.
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    restore = install_signal_handlers()
     try:
         return int(args._command.run(args) or 0)
     except CommandError as err:
-        print(f"apptrace: {err}", file=sys.stderr)
+        say(f"apptrace: {err}")
         return err.exit_code
     except ApptraceError as err:
-        print(f"apptrace: error: {err}", file=sys.stderr)
+        say(f"apptrace: error: {err}")
         return 1
     except KeyboardInterrupt:
         return 130
+    except SignalExit as err:
+        return 128 + err.signum
+    except BrokenPipeError:
+        # The reader went away (`| head`): everything is cleaned up by now;
+        # stdout goes nowhere so the interpreter's last flush cannot complain.
+        _silence(sys.stdout)
+        return 128 + signal.SIGPIPE
+    except OSError as err:
+        if os.environ.get("APPTRACE_DEBUG"):
+            raise
+        say(f"apptrace: error: {err}")
+        return 1
+    finally:
+        restore()
+
+
+def _silence(stream: object) -> None:
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, stream.fileno())  # type: ignore[attr-defined]
+        os.close(fd)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
-from typing import Any, Optional, TextIO
+from typing import Any, Callable, Iterator, Optional, TextIO
 
 
 class CommandError(Exception):
@@ -31,3 +33,80 @@ class Command:
 def print_json(obj: Any, out: Optional[TextIO] = None) -> None:
     """One compact JSON document and a newline, in a single write."""
     (out or sys.stdout).write(json.dumps(obj, separators=(",", ":")) + "\n")
+
+
+# -- ending: every way out but SIGKILL runs the cleanup ----------------------------------
+
+class SignalExit(BaseException):
+    """SIGTERM or SIGHUP, raised where the program is, so every ``finally`` (session
+    close: detach, lower procmem semaphores, stop a spawned command) runs.
+    A BaseException, like KeyboardInterrupt, so ``except Exception`` lets it by."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _Ending:
+    ending = False               # a signal already started the way out: ignore more
+    depth = 0                    # inside deferred_signals()
+    deferred: Optional[int] = None
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    if _Ending.depth:
+        if _Ending.deferred is None:
+            _Ending.deferred = signum
+        return
+    if _Ending.ending:
+        return  # the cleanup the first signal started must not be cut short
+    _Ending.ending = True
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise SignalExit(signum)
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Let a block (a session's close) finish before SIGINT/SIGTERM/SIGHUP act."""
+    _Ending.depth += 1
+    try:
+        yield
+    finally:
+        _Ending.depth -= 1
+        if not _Ending.depth and _Ending.deferred is not None:
+            signum, _Ending.deferred = _Ending.deferred, None
+            _on_signal(signum, None)
+
+
+def install_signal_handlers() -> Callable[[], None]:
+    """SIGINT, SIGTERM and SIGHUP unwind (see :class:`SignalExit`); SIGPIPE is
+    ignored, so a closed pipe is an EPIPE the CLI handles after cleaning up
+    rather than a death that leaves semaphores raised and a command running.
+    Returns a function that puts the previous handlers back."""
+    _Ending.ending, _Ending.depth, _Ending.deferred = False, 0, None
+    saved: dict[int, Any] = {}
+    for sig, handler in ((signal.SIGINT, _on_signal), (signal.SIGTERM, _on_signal),
+                         (signal.SIGHUP, _on_signal), (signal.SIGPIPE, signal.SIG_IGN)):
+        try:
+            saved[sig] = signal.signal(sig, handler)
+        except (ValueError, OSError):  # not the main thread: leave signals alone
+            break
+
+    def restore() -> None:
+        for sig, old in saved.items():
+            with contextlib.suppress(ValueError, OSError, TypeError):
+                signal.signal(sig, old)
+
+    return restore
+
+
+def say(text: str, stream: Optional[TextIO] = None) -> None:
+    """One line on stderr, escaped for the terminal; a vanished terminal is not an error."""
+    from apptrace.output import escape_text
+
+    try:
+        (stream or sys.stderr).write(escape_text(text) + "\n")
+        (stream or sys.stderr).flush()
+    except (OSError, ValueError):
+        pass

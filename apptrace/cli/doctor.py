@@ -12,6 +12,8 @@ class DoctorCommand(Command):
     """Check that this machine can trace: privileges, kernel features, bcc, symbolizer, JDKs.
 
     Exits non-zero when a required check fails; each failure names its fix.
+    Without root, checks that must ask the kernel say they were skipped
+    ("skip": not checked) instead of reporting a missing feature.
     """
 
     name = "doctor"
@@ -32,13 +34,16 @@ class DoctorCommand(Command):
         checks = run_checks(progress=progress)
         if live:
             sys.stderr.write("\r\x1b[K")
-        failed = [c for c in checks if c.required and not c.ok]
+        # A check that could not run (no privilege) is not a failure of its
+        # own: the privileges check already fails and names the fix.
+        failed = [c for c in checks if c.required and not c.ok and c.checked]
         if args.json:
             print_json({"ok": not failed, "checks": [c.to_json() for c in checks]})
         else:
             w = max(len(c.name) for c in checks)
             for c in checks:
-                mark = "ok  " if c.ok else ("FAIL" if c.required else "warn")
+                mark = "skip" if not c.checked else "ok  " if c.ok else (
+                    "FAIL" if c.required else "warn")
                 line = f"{mark}  {c.name:<{w}}  {c.detail}"
                 if not c.ok and c.fix:
                     line += f"  -> fix: {c.fix}"

@@ -9,7 +9,8 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Optional, TextIO
 
-from apptrace.cli.base import Command, CommandError
+from apptrace.cli.base import Command, CommandError, deferred_signals, say
+from apptrace.output import EscapingWriter, escape_text, open_output
 
 if TYPE_CHECKING:
     from apptrace.events import Event, Stats
@@ -69,14 +70,10 @@ class TraceCommand(Command):
             raise CommandError("trace: give only one of -p PID, --path BIN, -- CMD")
         if args.folded and not args.stack:
             args.stack = True
-        if args.count is not None and args.count <= 0:
-            raise CommandError("trace: -n must be positive")
+        check_options(args)
         out: TextIO = sys.stdout
-        if args.output:
-            try:
-                out = open(args.output, "w")  # noqa: SIM115 - closed below
-            except OSError as err:
-                raise CommandError(f"trace: cannot write {args.output}: {err}", 1) from err
+        if args.output is not None:  # 0600, no links of others followed (apptrace.output)
+            out = open_output(args.output)  # type: ignore[assignment]  # closed below
 
         stopping = {"flag": False}
 
@@ -131,26 +128,47 @@ class TraceCommand(Command):
                         break
             if args.folded:
                 for key, c in sorted(session.folded().items(), key=lambda kv: -kv[1]):
-                    out.write(f"{key} {c}\n")
+                    out.write(f"{escape_text(key)} {c}\n")
             stats = session.stats()
             warnings = session.warnings
         finally:
             signal.signal(signal.SIGTERM, old)
             try:
                 if session is not None:
-                    session.close()
+                    with deferred_signals():  # a signal now must not cut the cleanup short
+                        session.close()
             finally:
                 if out is not sys.stdout:
                     out.close()
                 else:
                     sys.stdout.flush()
         if not args.quiet:
-            _summary(stats, sys.stderr, session.exit_status,
+            _summary(stats, EscapingWriter(sys.stderr), session.exit_status,  # type: ignore[arg-type]
                      printed=n if args.count is not None else None)
             if warnings:
-                print(f"apptrace: warning: {len(warnings)} problem(s) while symbolizing;"
-                      f" last: {warnings[-1]}", file=sys.stderr)
+                say(f"apptrace: warning: {len(warnings)} problem(s) while symbolizing;"
+                    f" last: {warnings[-1]}")
         return command_status(session.exit_status if command else None)
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Every option in its range, before anything starts (one line, exit 2)."""
+    from apptrace.errors import OptionError
+    from apptrace.options import STR_MAX, check_int, check_seconds
+
+    try:
+        if args.duration is not None:
+            check_seconds("-d/--duration", args.duration)
+        if args.count is not None:
+            check_int("-n/--count", args.count, 1)
+        check_int("--str-max", args.str_max, *STR_MAX)
+        if args.ring_mb is not None:
+            check_int("--ring-mb", args.ring_mb, 1, 1024)
+        if args.output is not None and not args.output:
+            raise OptionError("-o/--output", args.output, "a file name (leave -o out for"
+                              " stdout)")
+    except OptionError as err:
+        raise CommandError(f"trace: {err}") from err
 
 
 def command_status(status: Optional[int]) -> int:
@@ -172,7 +190,7 @@ def _emit(ev: Event, out: TextIO, as_json: bool) -> None:
             name = f"{f.symbol}+{f.offset:#x}" if f.symbol else f"{f.addr:#x}"
             inl = " [inlined]" if f.inlined else ""
             why = f" <{f.reason}>" if f.symbol is None and getattr(f, "reason", None) else ""
-            out.write(f"    {name}{inl}{where} ({f.module or '?'}){why}\n")
+            out.write(escape_text(f"    {name}{inl}{where} ({f.module or '?'}){why}") + "\n")
 
 
 def _summary(st: Stats, err: TextIO, status: Optional[int],

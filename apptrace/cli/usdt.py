@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from apptrace.cli.base import Command, CommandError, print_json
+from apptrace.cli.base import Command, CommandError, print_json, say
 from apptrace.errors import NoProbesError
 from apptrace.usdt import Probe, list_probes
 from apptrace.usdt.companions import companions_of
@@ -38,7 +38,7 @@ class UsdtListCommand(Command):
                     probes.extend(list_probes([t], pid=args.pid))
                 except NoProbesError as err:
                     empty.append(t)
-                    print(f"apptrace: {err}", file=sys.stderr)
+                    say(f"apptrace: {err}")
             if not probes:
                 raise CommandError(f"usdt list: no USDT probes in {', '.join(empty)}", 1)
         else:
@@ -54,7 +54,9 @@ class UsdtListCommand(Command):
 
 
 def _table(probes: list[Probe], verbose: bool) -> None:
-    out = sys.stdout
+    from apptrace.output import EscapingWriter
+
+    out = EscapingWriter(sys.stdout)  # names and specs come from the binary: no escapes
     binw = max(len(p.binary) for p in probes)
     namew = max(len(p.fullname) for p in probes)
     out.write(f"{'BINARY':<{binw}}  {'PROBE':<{namew}}  SITES  SEMA  ARGS\n")

@@ -240,6 +240,7 @@ def test_usage_errors_exit_2() -> None:
     r = apptrace("trace", "-n", 0, "usdt:apptrace_fx:tick", "--", "/bin/true")
     no_traceback(r)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == ["apptrace: trace: -n must be positive"]
+    assert r.stderr.strip().splitlines() == [
+        "apptrace: trace: -n/--count must be an integer >= 1 (got 0)"]
     r = apptrace("trace", "-p", 1, "--path", "/bin/true", "usdt:apptrace_fx:tick")
     assert r.returncode == 2 and "only one of" in r.stderr
