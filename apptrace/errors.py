@@ -34,6 +34,9 @@ __all__ = [
     "SemaphoreError",
     "BpfError",
     "ExpressionError",
+    "NotAJvmError",
+    "JvmProbesMissingError",
+    "GcLogError",
 ]
 
 
@@ -287,3 +290,7 @@ class ExpressionError(ApptraceError, ValueError):
         self.text = text
         self.column = column
         self.reason = reason
+
+
+class GcLogError(ApptraceError, ValueError):
+    """A GC log apptrace cannot compare with: unreadable, or written without ``timenanos``."""
