@@ -3,24 +3,28 @@ SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
-BUILD := build
+# Our build outputs. Not `build/`: through the editable install the checkout
+# is on sys.path, where a build/ directory would shadow PyPI's `build` tool.
+BUILD := .build
 STAMPS := $(BUILD)/stamps
+# The editable install also compiles libblazesym_c.so into apptrace/ (setup.py).
+PIP_EDITABLE = $(PY) -m pip install -q --disable-pip-version-check -e '.[test]' \
+	--config-settings editable_mode=compat  # a .pth path: no import hook at start-up
 
-.PHONY: setup system venv fixtures blazesym test test-unit demo bench lint clean
+.PHONY: setup system venv fixtures blazesym wheel test test-unit demo bench lint clean blazepack mutate
 
-setup: system venv fixtures blazesym
+setup: system venv fixtures blazesym blazepack
 
 system:
 	@bash scripts/setup-system.sh
 
-# The venv sees Debian's bcc through a symlink to that one package, not the
-# whole dist-packages directory.
-$(STAMPS)/venv: pyproject.toml Makefile | $(STAMPS)
+# Debian's bcc needs no link into the venv: apptrace finds it by itself
+# (apptrace/bpf.py import_bcc). A link an older Makefile made is removed.
+$(STAMPS)/venv: pyproject.toml setup.py mk/blazesym.mk Makefile | $(STAMPS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
-	  if [ -d /usr/lib/python3/dist-packages/bcc ]; then ln -sfn /usr/lib/python3/dist-packages/bcc $$site/bcc; fi
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]' \
-	    --config-settings editable_mode=compat  # a .pth path: no import hook at start-up
+	  if [ -L "$$site/bcc" ]; then rm -f "$$site/bcc"; fi
+	$(PIP_EDITABLE)
 	@touch $@
 
 venv: system $(STAMPS)/venv
@@ -32,6 +36,34 @@ fixtures:
 	@$(MAKE) -s -C fixtures/c
 
 include mk/blazesym.mk
+
+# The compiled reader of blazesym results (cffi API mode, see
+# apptrace/_blazepack_build.py). Without it apptrace.symbolize reads results
+# in cffi's ABI mode: the same frames, several times slower.
+BLAZEPACK := apptrace/_blazepack$(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+blazepack: $(BLAZEPACK)
+$(BLAZEPACK): apptrace/_blazepack_build.py apptrace/symbolize.py | $(STAMPS)/venv
+	@$(PY) apptrace/_blazepack_build.py
+
+# Mutation testing (not in CI): mutmut over the engine modules with the fast
+# tests ([tool.mutmut] in pyproject.toml), in a copy of the tree so the
+# working tree is never touched. `make mutate MUTANTS='apptrace.ringbuf.*'`
+# runs one module's mutants.
+MUTATE_DIR := $(BUILD)/mutate
+MUTANTS ?=
+mutate: setup
+	$(PY) -m pip install -q --disable-pip-version-check 'mutmut==3.8.1'
+	@rm -rf $(MUTATE_DIR) && mkdir -p $(MUTATE_DIR)
+	@cp -a apptrace tests fixtures pyproject.toml $(MUTATE_DIR)/
+	lib=$$($(PY) -c 'from apptrace.symbolize import library_path; print(library_path())') && \
+	    cd $(MUTATE_DIR) && APPTRACE_BLAZESYM=$$lib $(abspath $(PY)) -m mutmut run \
+	    --max-children 2 $(MUTANTS); $(abspath $(PY)) -m mutmut results
+
+# A wheel that carries libblazesym_c.so, in dist/ (cargo's build is shared
+# with the editable install, so this is quick once `make setup` ran).
+wheel: venv
+	@rm -f dist/apptrace-*.whl
+	$(PY) -m build --wheel --outdir dist .
 
 test: setup
 	$(PY) -m pytest -q -ra tests
@@ -50,5 +82,5 @@ lint: venv
 	$(VENV)/bin/mypy apptrace
 
 clean:
-	rm -rf $(BUILD) $(VENV)
+	rm -rf $(BUILD) $(VENV) dist apptrace/libblazesym_c.so apptrace/LICENSE.blazesym
 	@$(MAKE) -s -C fixtures/c clean

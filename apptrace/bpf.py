@@ -17,9 +17,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno as _errno
+import importlib.util
 import os
 import re
 import struct
+import sys
 import tempfile
 from typing import Any, Iterator, Sequence
 
@@ -53,17 +55,96 @@ __all__ = ["import_bcc", "Program", "compile_c", "self_test", "attach_uprobe_per
 _bcc: Any = None
 
 
+# Where Debian (and a bcc built from source with its default prefix) puts the
+# ``bcc`` package. bcc is pure Python over ctypes, so one copy serves every
+# Python 3; it is not on PyPI (PyPI's 'bcc' is an unrelated project).
+_BCC_DIRS = ("/usr/lib/python3/dist-packages", "/usr/local/lib/python3/dist-packages")
+_LIBBCC_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
+_BCC_HINT = "apt-get install python3-bpfcc"
+
+
+def _libbcc_version() -> str | None:
+    """The version libbcc.so.0 resolves to (``0.26.0``), or None if there is none."""
+    for d in _LIBBCC_DIRS:
+        real = os.path.realpath(os.path.join(d, "libbcc.so.0"))
+        if os.path.isfile(real):
+            m = re.search(r"\.so\.(\d+(?:\.\d+)*)$", real)
+            return m.group(1) if m else ""
+    return None
+
+
+def _bcc_package_version(pkg: str) -> str | None:
+    try:
+        with open(os.path.join(pkg, "version.py"), encoding="utf-8") as f:
+            m = re.search(r"__version__\s*=\s*['\"]([^'\"]+)['\"]", f.read())
+    except OSError:
+        return None
+    return m.group(1) if m else None
+
+
+def _load_system_bcc() -> Any:
+    """Load the system's ``bcc`` package by itself, without the rest of dist-packages.
+
+    A venv does not see Debian's dist-packages; adding that whole directory
+    to sys.path would also bring Debian's old copies of unrelated packages.
+    Only a ``bcc`` whose version is libbcc's is taken: the two are one
+    release (python3-bpfcc depends on the exact libbpfcc).
+    """
+    libver = _libbcc_version()
+    found = [os.path.join(d, "bcc") for d in _BCC_DIRS
+             if os.path.isfile(os.path.join(d, "bcc", "__init__.py"))]
+    if not found:
+        missing = "python3-bpfcc" if libver is not None else "python3-bpfcc libbpfcc"
+        raise BccUnavailableError(
+            "bcc's Python module is not installed (looked in this Python's path and "
+            + ", ".join(_BCC_DIRS) + ")",
+            hint=f"apt-get install {missing}; PyPI's 'bcc' is an unrelated package")
+    if libver is None:
+        raise BccUnavailableError(f"found {found[0]} but not libbcc.so.0",
+                                  hint="apt-get install libbpfcc")
+    versions = {pkg: _bcc_package_version(pkg) for pkg in found}
+    pkg = next((p for p, v in versions.items() if v == libver or not libver), None)
+    if pkg is None:
+        have = ", ".join(f"{p} {v or '(version unknown)'}" for p, v in versions.items())
+        raise BccUnavailableError(
+            f"bcc's Python module ({have}) does not match libbcc {libver}",
+            hint="apt-get install --reinstall python3-bpfcc libbpfcc")
+    spec = importlib.util.spec_from_file_location(
+        "bcc", os.path.join(pkg, "__init__.py"), submodule_search_locations=[pkg])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bcc"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        # Leave no half-initialized bcc (nor its submodules) for a later import.
+        for name in [n for n in sys.modules if n == "bcc" or n.startswith("bcc.")]:
+            del sys.modules[name]
+        raise
+    return module
+
+
+def _import_bcc_module() -> Any:
+    try:
+        import bcc  # noqa: PLC0415
+    except ModuleNotFoundError as err:
+        if err.name != "bcc":
+            raise
+    else:
+        return bcc
+    return _load_system_bcc()
+
+
 def import_bcc() -> Any:
-    """Import Debian's bcc, or explain how to get it."""
+    """bcc from this Python's path, else the system's copy; or say which package to install."""
     global _bcc
     if _bcc is None:
         try:
-            import bcc  # noqa: PLC0415
-        except ImportError as err:
-            raise BccUnavailableError(
-                f"cannot import bcc ({err})",
-                hint="apt-get install python3-bpfcc and make it importable (`make setup`);"
-                     " PyPI's 'bcc' is an unrelated package") from err
+            bcc = _import_bcc_module()
+        except BccUnavailableError:
+            raise
+        except (ImportError, OSError) as err:  # OSError: libbcc.so.0 did not load
+            raise BccUnavailableError(f"cannot import bcc ({err})", hint=_BCC_HINT) from err
         lib = bcc.libbcc.lib
         lib.bpf_attach_uprobe.restype = ctypes.c_int
         lib.bpf_attach_uprobe.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p,

@@ -1,19 +1,20 @@
 """Turn captured user-space addresses into function names, files and lines.
 
-This is a cffi binding to blazesym-c (``libblazesym_c.so``, built by
-``make blazesym``). blazesym does the DWARF/ELF work in Rust, far faster than
-anything we could do in Python, and reads JIT perf maps too.
+This is a cffi binding to blazesym-c (``libblazesym_c.so``, which the
+apptrace package carries next to this module: setup.py builds it from the
+pinned crate into every wheel and into the checkout). blazesym does the
+DWARF/ELF work in Rust, far faster than anything we could do in Python, and
+reads JIT perf maps too.
 
 Why ABI mode (``ffi.dlopen``) rather than API mode (a compiled extension):
 
-* Installing apptrace then needs no C compiler and no blazesym headers; the
-  shared library is found at run time (``APPTRACE_BLAZESYM``, the repo's
-  ``build/`` directory, or the system), so one wheel works with any build.
+* Installing apptrace's wheel then needs no C compiler and no blazesym
+  headers, and the library can be swapped at run time (``APPTRACE_BLAZESYM``).
 * The cost ABI mode adds is per C call, and we make exactly one call per
   batch of addresses. Reading the result struct costs the same in both modes.
 * The usual ABI-mode risk, a cdef whose layout drifts from the real header,
   is covered by a unit test that compiles ``offsetof``/``sizeof`` against
-  ``build/blazesym/include/blazesym.h`` and compares them with cffi's view.
+  ``.build/blazesym/include/blazesym.h`` and compares them with cffi's view.
 
 Frame order: for every input address the frames come innermost first: the
 inlined functions (deepest first, ``inlined=True``) and then the real
@@ -53,8 +54,8 @@ __all__ = [
 ENV_VAR = "APPTRACE_BLAZESYM"
 LIB_NAME = "libblazesym_c.so"
 BUILD_HINT = (
-    "build it with `make blazesym` (needs cargo >= 1.88), or point "
-    f"{ENV_VAR} at an existing {LIB_NAME}"
+    "install apptrace from its wheel, which carries the library; in a checkout run"
+    f" `make blazesym` (needs cargo >= 1.88); or point {ENV_VAR} at an existing {LIB_NAME}"
 )
 
 # The subset of blazesym-c 0.1.10's include/blazesym.h that we use. Layouts
@@ -263,15 +264,17 @@ _bindings: dict[str, _Binding] = {}
 _bindings_lock = threading.Lock()
 
 
-def _repo_build_lib() -> Path:
-    return Path(__file__).resolve().parent.parent / "build" / "blazesym" / LIB_NAME
+def _packaged_lib() -> Path:
+    return Path(__file__).resolve().parent / LIB_NAME
 
 
 def library_path() -> str:
-    """Where libblazesym_c would be loaded from; raises SymbolizerError if nowhere.
+    """Where libblazesym_c is loaded from; raises SymbolizerError if nowhere.
 
-    An explicit ``APPTRACE_BLAZESYM`` wins and is never second-guessed: a
-    wrong value is an error, not a reason to pick some other library.
+    The library the package carries comes first (wheels and the checkout's
+    editable install have it), then the system linker's. An explicit
+    ``APPTRACE_BLAZESYM`` overrides both and is never second-guessed: a wrong
+    value is an error, not a reason to pick some other library.
     """
     env = os.environ.get(ENV_VAR)
     if env:
@@ -280,15 +283,15 @@ def library_path() -> str:
                 f"{ENV_VAR}={env} does not exist or is not a file", hint=BUILD_HINT
             )
         return os.path.abspath(env)
-    local = _repo_build_lib()
-    if local.is_file():
-        return str(local)
+    packaged = _packaged_lib()
+    if packaged.is_file():
+        return str(packaged)
     found = ctypes.util.find_library("blazesym_c")
     if found:
         return found
     raise SymbolizerError(
-        f"blazesym library ({LIB_NAME}) not found: {ENV_VAR} is unset, {local} does not"
-        " exist and the system linker knows no libblazesym_c",
+        f"blazesym library ({LIB_NAME}) not found: this apptrace has no {packaged},"
+        f" {ENV_VAR} is unset and the system linker knows no libblazesym_c",
         hint=BUILD_HINT,
     )
 

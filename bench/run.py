@@ -6,7 +6,7 @@ A module takes part when its file is ``bench/bench_*.py`` and it exposes
 that prints its table, otherwise the result is printed as JSON. The three
 issue benchmarks (bench_engine, bench_usdt_list, bench_symbolize) run first.
 One module failing does not stop the others; all results go to
-build/bench.json.
+.build/bench.json.
 
 Usage: python bench/run.py [--quick] [--only NAME ...] [--output FILE]
 """
@@ -61,8 +61,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller, faster runs")
     parser.add_argument("--only", nargs="+", metavar="NAME",
                         help="run only these modules (e.g. bench_engine or engine)")
-    parser.add_argument("--output", default=str(REPO / "build" / "bench.json"),
-                        help="where to write the JSON results (default build/bench.json)")
+    parser.add_argument("--output", default=str(REPO / ".build" / "bench.json"),
+                        help="where to write the JSON results (default .build/bench.json)")
     args = parser.parse_args(argv)
 
     names = discover()

@@ -24,7 +24,7 @@ from apptrace.errors import SymbolizerError
 from apptrace.symbolize import StackFrame, Symbolizer, symbolizer_available
 
 REPO = Path(__file__).resolve().parents[2]
-HEADER = REPO / "build" / "blazesym" / "include" / "blazesym.h"
+HEADER = REPO / ".build" / "blazesym" / "include" / "blazesym.h"
 
 C_SOURCE = r"""
 #include <stdio.h>
