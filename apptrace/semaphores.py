@@ -87,7 +87,7 @@ def semaphore_address(pid: int, binary: str, file_offset: int) -> int:
 def _mem(pid: int, mode: int) -> int:
     try:
         return os.open(f"/proc/{pid}/mem", mode | os.O_CLOEXEC)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ProcessLookupError) as err:  # ESRCH: exiting, no memory left
         raise ProcessGoneError(pid) from err
     except PermissionError as err:
         raise TracePermissionError(f"cannot open /proc/{pid}/mem") from err
