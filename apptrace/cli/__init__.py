@@ -26,6 +26,7 @@ from apptrace.cli.base import (
     say,
 )
 from apptrace.cli.doctor import DoctorCommand
+from apptrace.cli.jvm import JvmGcCommand
 from apptrace.cli.semaphores import SemaphoresCommand
 from apptrace.cli.trace import TraceCommand
 from apptrace.cli.usdt import UsdtListCommand
@@ -34,7 +35,7 @@ from apptrace.errors import ApptraceError
 __all__ = ["main", "Command", "CommandError"]
 
 COMMANDS: list[type[Command]] = [UsdtListCommand, TraceCommand, DoctorCommand,
-                                 SemaphoresCommand]
+                                 SemaphoresCommand, JvmGcCommand]
 
 
 def build_parser() -> argparse.ArgumentParser:
