@@ -55,6 +55,7 @@ mutate: setup
 	$(PY) -m pip install -q --disable-pip-version-check 'mutmut==3.8.1'
 	@rm -rf $(MUTATE_DIR) && mkdir -p $(MUTATE_DIR)
 	@cp -a apptrace tests fixtures pyproject.toml $(MUTATE_DIR)/
+	@mkdir -p $(MUTATE_DIR)/mutants && ln -s $(abspath $(VENV)) $(MUTATE_DIR)/mutants/.venv
 	lib=$$($(PY) -c 'from apptrace.symbolize import library_path; print(library_path())') && \
 	    cd $(MUTATE_DIR) && APPTRACE_BLAZESYM=$$lib $(abspath $(PY)) -m mutmut run \
 	    --max-children 2 $(MUTANTS); $(abspath $(PY)) -m mutmut results

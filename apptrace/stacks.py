@@ -16,11 +16,17 @@ Java: for a JVM, ``jcmd PID Compiler.perfmap`` writes ``/tmp/perf-<nspid>.map``
 (JDK 17+); blazesym reads it for addresses in JIT code. For a JVM in another
 PID namespace the map is read through ``/proc/PID/root/tmp`` and copied to the
 host's ``/tmp/perf-<pid>.map``, where blazesym looks.
+
+What we cause, we clean up, and only that: the perf maps that did not exist
+before we asked for them are removed when the tracker closes, and so is the
+JVM's attach socket (``/tmp/.java_pid<pid>``, made by its first attach) when
+our attach made it and the JVM has exited without removing it (killed).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import shutil
 import subprocess
@@ -66,17 +72,31 @@ def write_perf_map(pid: int, timeout: float = 30.0) -> str:
         r = subprocess.run([jcmd, str(pid), "Compiler.perfmap"], capture_output=True,
                            text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as err:
-        raise ApptraceError(f"cannot run {jcmd} for JVM {pid}: {err}",
-                            hint="Java frames need jcmd from the same JDK (JDK 17+)") from err
+        raise SymbolizerError(f"cannot run {jcmd} for JVM {pid}: {err}",
+                              hint="Java frames need jcmd from the same JDK (JDK 17+)") from err
     if r.returncode != 0:
-        raise ApptraceError(f"jcmd {pid} Compiler.perfmap failed: "
-                            f"{(r.stdout + r.stderr).strip()[:300]}",
-                            hint="needs JDK 17+ and the JVM's attach mechanism enabled")
-    host = f"/tmp/perf-{pid}.map"
-    inner = f"/proc/{pid}/root/tmp/perf-{_nspid(pid)}.map"
+        raise SymbolizerError(f"jcmd {pid} Compiler.perfmap failed: "
+                              f"{(r.stdout + r.stderr).strip()[:300]}",
+                              hint="needs JDK 17+ and the JVM's attach mechanism enabled")
+    host, inner = _perf_maps(pid)
     src = inner if os.path.exists(inner) else host
     _normalize_perf_map(src, host)  # also brings a container's map to the host's /tmp
     return host
+
+
+def _perf_maps(pid: int) -> tuple[str, str]:
+    """(host path blazesym reads, path the JVM writes as seen from the host)."""
+    return f"/tmp/perf-{pid}.map", f"/proc/{pid}/root/tmp/perf-{_nspid(pid)}.map"
+
+
+def _attach_socket(pid: int) -> Optional[str]:
+    """The JVM's attach socket as the host sees it after the JVM is gone, or
+    None for a JVM in another PID namespace (its /tmp is not ours to reach)."""
+    nspid = _nspid(pid)
+    return f"/tmp/.java_pid{pid}" if nspid == pid else None
+
+
+PERF_MAP_LIMIT = 1 << 30  # a JIT's perf map grows, but not past this
 
 
 def _normalize_perf_map(src: str, dst: str) -> None:
@@ -85,11 +105,13 @@ def _normalize_perf_map(src: str, dst: str) -> None:
     JDK 17's ``Compiler.perfmap`` writes ``0x``-prefixed numbers, which
     blazesym rejects as invalid data for the whole lookup.
     """
+    from apptrace.output import read_regular, replace_private
+
     try:
-        with open(src, encoding="utf-8", errors="replace") as f:
-            lines = f.read().splitlines()
+        # The JVM's user controls this path: no FIFO, device or link is followed.
+        lines = read_regular(src, PERF_MAP_LIMIT).decode("utf-8", "replace").splitlines()
     except OSError as err:
-        raise ApptraceError(f"cannot read the JVM perf map {src}: {err}") from err
+        raise SymbolizerError(f"cannot read the JVM perf map {src}: {err}") from err
     out = []
     for line in lines:
         parts = line.split(" ", 2)
@@ -100,10 +122,8 @@ def _normalize_perf_map(src: str, dst: str) -> None:
             out.append(f"{int(start, 16):x} {int(size, 16):x} {name}")
         except ValueError:
             continue
-    tmp = f"{dst}.apptrace.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(out) + "\n")
-    os.replace(tmp, dst)
+    # /tmp: a fixed temporary name could be a planted link; root would follow it.
+    replace_private(dst, "\n".join(out) + "\n")
 
 
 class StackTracker:
@@ -119,6 +139,8 @@ class StackTracker:
         self._cached: dict[int, float] = {}
         self._perfmap: dict[int, float] = {}
         self._jvm: dict[int, bool] = {}
+        # Per JVM: (files our jcmd calls created, attach socket we caused or None).
+        self._made: dict[int, tuple[list[str], Optional[str]]] = {}
         self.errors: collections.deque[str] = collections.deque(maxlen=100)  # latest problems
 
     def watch(self, pid: int, *, force: bool = False) -> None:
@@ -132,6 +154,10 @@ class StackTracker:
             jvm = self._jvm[pid] = is_jvm(pid)
         if jvm and now - self._perfmap.get(pid, -1e9) > self.PERFMAP_EVERY:
             self._perfmap[pid] = now
+            if pid not in self._made:  # before our first attach: what exists already
+                maps = [p for p in dict.fromkeys(_perf_maps(pid)) if not os.path.exists(p)]
+                sock = _attach_socket(pid)
+                self._made[pid] = (maps, sock if sock and not os.path.exists(sock) else None)
             try:
                 write_perf_map(pid)
             except ApptraceError as err:
@@ -209,13 +235,25 @@ class StackTracker:
                 frames.append(_unknown(a))
                 continue
             adj = 1 if i and by_index[i][1] and by_index[i][1][0].symbol is not None else 0
-            frames.extend(replace(f, addr=a, module=f.module or binary,
+            frames.extend(f.replace(addr=a, module=f.module or binary,
                                   offset=f.offset + (adj if not f.inlined else 0))
                           for f in by_index[i][1])
         return tuple(frames)
 
     def close(self) -> None:
         self.symbolizer.close()
+        self._clean_up()
+
+    def _clean_up(self) -> None:
+        """Remove the JVM files we caused (see the module docstring)."""
+        for pid, (maps, sock) in self._made.items():
+            for path in maps:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            if sock is not None and not os.path.exists(f"/proc/{pid}"):
+                with contextlib.suppress(OSError):
+                    os.unlink(sock)  # the JVM was killed: nobody else will
+        self._made.clear()
 
 
 def _unknown(addr: int) -> Any:

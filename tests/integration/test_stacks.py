@@ -166,9 +166,16 @@ def test_jvm_stacks_have_java_method_names(tmp_path):  # type: ignore[no-untyped
             assert any("::" in n for n in found[:found.index(next(
                 n for n in found if "ApptraceAlloc.churnBytes" in n))])
             assert s.stats().per_probe["usdt:hotspot:object__alloc"] > 0
+        # The perf map apptrace asked for is gone with the session.
+        assert not os.path.exists(f"/tmp/perf-{proc.pid}.map")
     finally:
-        proc.kill()
-        proc.wait()
+        proc.terminate()  # a JVM that exits normally removes its attach socket
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert not os.path.exists(f"/tmp/.java_pid{proc.pid}")
 
 
 def test_system_wide_short_lived_process_resolved_through_the_probe_binary(  # type: ignore[no-untyped-def]

@@ -367,9 +367,12 @@ def test_closed_symbolizer(c_prog: Path) -> None:
 
 
 def test_threads_share_one_symbolizer(c_prog: Path) -> None:
+    """Four threads call blazesym through one Symbolizer at once (its lock keeps
+    them apart): with ``auto_reload`` ELF lookups bypass the result cache, so
+    every call below reaches the library."""
     start, size = symbols(c_prog)["bz_middle"]
     addrs = list(range(start, start + size)) * 20
-    with Symbolizer() as s:
+    with Symbolizer(auto_reload=True) as s:
         expected = s.symbolize_elf(str(c_prog), addrs)
         results: list[object] = []
         errors: list[BaseException] = []
@@ -386,8 +389,57 @@ def test_threads_share_one_symbolizer(c_prog: Path) -> None:
             t.start()
         for t in threads:
             t.join()
+        assert s._results == {}, "answered from the cache, not by blazesym"
     assert not errors
     assert len(results) == 40 and all(r == expected for r in results)
+    assert any(f.inlined for g in expected for f in g)
+
+
+def test_compiled_reader_and_abi_mode_give_the_same_frames(
+        c_prog: Path, cxx_prog: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled result reader (``make blazepack``) and the ABI-mode fallback
+    agree frame for frame: inlined frames, unknown addresses, return addresses."""
+    from apptrace import symbolize
+
+    b = symbolize._binding()
+    if b.pack is None:
+        missing("apptrace._blazepack is not built (make blazepack)")
+    inputs = []
+    for prog in (c_prog, cxx_prog):
+        for start, size in symbols(prog).values():
+            inputs.append((prog, list(range(start, start + max(size, 1)))))
+    inputs.append((c_prog, [0, 1, 0x7FFF_FFFF_0000]))  # unknown: a reason each
+    got: dict[bool, list[object]] = {}
+    for compiled in (True, False):
+        monkeypatch.setattr(b, "pack", b.pack if compiled else None)
+        with Symbolizer() as s:
+            got[compiled] = [s.symbolize_elf(str(p), a) for p, a in inputs]
+            got[compiled].append(s.symbolize_stack(os.getpid(), [id(symbolize), id(b), 0, 1]))
+    monkeypatch.undo()
+    assert got[True] == got[False]
+    frames = [f for groups in got[True][:-1] for g in groups for f in g]  # type: ignore[attr-defined]
+    assert any(f.inlined for f in frames) and any(f.reason for f in frames)
+    assert any(f.file and f.line for f in frames)
+
+
+def test_stack_frame_is_a_value() -> None:
+    f = StackFrame(0x1000, "fn", 4, "/src/a.c", 12, True, "/bin/a")
+    assert (f.addr, f.symbol, f.offset, f.file, f.line, f.inlined, f.module, f.reason) == (
+        0x1000, "fn", 4, "/src/a.c", 12, True, "/bin/a", None)
+    assert f == StackFrame(0x1000, "fn", 4, "/src/a.c", 12, True, "/bin/a")
+    assert f != f.replace(line=13) and f.replace(line=13).line == 13
+    assert hash(f) == hash(StackFrame(0x1000, "fn", 4, "/src/a.c", 12, True, "/bin/a"))
+    import pickle
+
+    assert pickle.loads(pickle.dumps(f)) == f
+    assert "symbol='fn'" in repr(f)
+    with pytest.raises(TypeError):
+        f.replace(nope=1)
+    with pytest.raises(AttributeError):
+        f.symbol = "other"  # type: ignore[misc]
+    unknown = StackFrame(8, None, 0, None, None, False, None, "unmapped")
+    assert unknown.line is None and unknown.to_json()["reason"] == "unmapped"
+    assert "reason" not in f.to_json()
 
 
 def test_cdef_layout_matches_header(tmp_path: Path) -> None:
