@@ -15,8 +15,10 @@ __version__ = "0.1.0"
 _WHERE = {
     "apptrace.errors": ["ApptraceError", "AttachError", "BccUnavailableError",
                         "BinaryNotFoundError", "BpfError", "CommandNotFoundError", "ElfError",
-                        "ElfNotFoundError", "KernelThreadError", "NoProbesError",
-                        "OptionError", "OutputError", "ProbeNotFoundError", "ProbeSpecError",
+                        "ElfNotFoundError", "ExpressionError", "GcLogError",
+                        "JvmProbesMissingError", "KernelThreadError", "NoProbesError",
+                        "NotAJvmError", "OptionError", "OutputError", "ProbeNotFoundError",
+                        "ProbeSpecError",
                         "ProcessGoneError", "ProcessNotFoundError", "SemaphoreConflictError",
                         "SemaphoreError", "SessionStateError", "SpawnError",
                         "SymbolizerError", "TracePermissionError"],
@@ -45,32 +47,45 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from apptrace.errors import (
-        ApptraceError,
-        AttachError,
-        BccUnavailableError,
-        BinaryNotFoundError,
-        BpfError,
-        CommandNotFoundError,
-        ElfError,
-        ElfNotFoundError,
-        KernelThreadError,
-        NoProbesError,
-        OptionError,
-        OutputError,
-        ProbeNotFoundError,
-        ProbeSpecError,
-        ProcessGoneError,
-        ProcessNotFoundError,
-        SemaphoreConflictError,
-        SemaphoreError,
-        SessionStateError,
-        SpawnError,
-        SymbolizerError,
-        TracePermissionError,
-    )
-    from apptrace.events import Event, ProbeInfo, Stats, Unavailable
-    from apptrace.probes import ProbeSpec, parse_probe
-    from apptrace.session import ProbeHandle, Session
-    from apptrace.symbolize import StackFrame, Symbolizer
-    from apptrace.usdt import Argument, Probe, Site, list_probes, read_probes
+    # "from M import X as X" marks a re-export for type checkers (mypy --strict).
+    from apptrace.errors import ApptraceError as ApptraceError
+    from apptrace.errors import AttachError as AttachError
+    from apptrace.errors import BccUnavailableError as BccUnavailableError
+    from apptrace.errors import BinaryNotFoundError as BinaryNotFoundError
+    from apptrace.errors import BpfError as BpfError
+    from apptrace.errors import CommandNotFoundError as CommandNotFoundError
+    from apptrace.errors import ElfError as ElfError
+    from apptrace.errors import ElfNotFoundError as ElfNotFoundError
+    from apptrace.errors import ExpressionError as ExpressionError
+    from apptrace.errors import GcLogError as GcLogError
+    from apptrace.errors import JvmProbesMissingError as JvmProbesMissingError
+    from apptrace.errors import KernelThreadError as KernelThreadError
+    from apptrace.errors import NoProbesError as NoProbesError
+    from apptrace.errors import NotAJvmError as NotAJvmError
+    from apptrace.errors import OptionError as OptionError
+    from apptrace.errors import OutputError as OutputError
+    from apptrace.errors import ProbeNotFoundError as ProbeNotFoundError
+    from apptrace.errors import ProbeSpecError as ProbeSpecError
+    from apptrace.errors import ProcessGoneError as ProcessGoneError
+    from apptrace.errors import ProcessNotFoundError as ProcessNotFoundError
+    from apptrace.errors import SemaphoreConflictError as SemaphoreConflictError
+    from apptrace.errors import SemaphoreError as SemaphoreError
+    from apptrace.errors import SessionStateError as SessionStateError
+    from apptrace.errors import SpawnError as SpawnError
+    from apptrace.errors import SymbolizerError as SymbolizerError
+    from apptrace.errors import TracePermissionError as TracePermissionError
+    from apptrace.events import Event as Event
+    from apptrace.events import ProbeInfo as ProbeInfo
+    from apptrace.events import Stats as Stats
+    from apptrace.events import Unavailable as Unavailable
+    from apptrace.probes import ProbeSpec as ProbeSpec
+    from apptrace.probes import parse_probe as parse_probe
+    from apptrace.session import ProbeHandle as ProbeHandle
+    from apptrace.session import Session as Session
+    from apptrace.symbolize import StackFrame as StackFrame
+    from apptrace.symbolize import Symbolizer as Symbolizer
+    from apptrace.usdt import Argument as Argument
+    from apptrace.usdt import Probe as Probe
+    from apptrace.usdt import Site as Site
+    from apptrace.usdt import list_probes as list_probes
+    from apptrace.usdt import read_probes as read_probes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import signal
 import sys
@@ -60,6 +61,9 @@ class TraceCommand(Command):
         parser.add_argument("--stack", action="store_true", help="capture user stacks")
         parser.add_argument("--folded", action="store_true",
                             help="with --stack: print folded stack counts at the end")
+        parser.add_argument("--no-symbolize", action="store_true",
+                            help="with --stack: raw addresses, each with the file that"
+                                 " holds it and its offset there (no symbol lookup)")
         parser.add_argument("-q", "--quiet", action="store_true", help="no summary")
 
     def run(self, args: argparse.Namespace) -> int:
@@ -70,7 +74,13 @@ class TraceCommand(Command):
             raise CommandError("trace: give only one of -p PID, --path BIN, -- CMD")
         if args.folded and not args.stack:
             args.stack = True
+        if args.no_symbolize and args.folded:
+            raise CommandError("trace: --folded needs symbols; for raw addresses use"
+                               " --stack --no-symbolize")
+        if args.no_symbolize and not args.stack:
+            raise CommandError("trace: --no-symbolize goes with --stack")
         check_options(args)
+        modules = _RawModules() if args.no_symbolize else None
         out: TextIO = sys.stdout
         if args.output is not None:  # 0600, no links of others followed (apptrace.output)
             out = open_output(args.output)  # type: ignore[assignment]  # closed below
@@ -89,10 +99,13 @@ class TraceCommand(Command):
             session = Session(pid=args.pid, path=args.path, command=command,
                               command_stdout=2 if command and out is sys.stdout else None,
                               semaphores=args.semaphores, str_max=args.str_max,
-                              ringbuf_kb=args.ring_mb * 1024 if args.ring_mb else None)
+                              ringbuf_kb=args.ring_mb * 1024 if args.ring_mb else None,
+                              symbolize=not args.no_symbolize)
             for p in args.probes:
                 session.add(p, stack=args.stack, fold=args.folded)
             session.start()
+            if modules is not None and session.target is not None:
+                modules.snapshot(session.target.pid)  # in case it exits before we print
             if not args.quiet:
                 sites = sum(p.sites for p in session.probes)
                 print(f"apptrace: attached {len(session.probes)} probes ({sites} sites) in"
@@ -106,7 +119,7 @@ class TraceCommand(Command):
                     alive = session.target_alive()
                     events = session.poll(0.2 if remaining is None else min(0.2, remaining))
                     for ev in events:
-                        _emit(ev, out, args.json)
+                        _emit(ev, out, args.json, modules)
                         n += 1
                         if args.count is not None and n >= args.count:
                             stopping["flag"] = True
@@ -122,7 +135,7 @@ class TraceCommand(Command):
             session.detach()
             if args.count is None or n < args.count:
                 for ev in session.poll(0, flush=True):  # held back for ordering
-                    _emit(ev, out, args.json)
+                    _emit(ev, out, args.json, modules)
                     n += 1
                     if args.count is not None and n >= args.count:
                         break
@@ -179,11 +192,62 @@ def command_status(status: Optional[int]) -> int:
     return 128 - status if status < 0 else status
 
 
-def _emit(ev: Event, out: TextIO, as_json: bool) -> None:
+class _RawModules:
+    """Which file holds each raw stack address (--no-symbolize), from /proc/PID/maps.
+
+    The maps are read once per process and again when an address is in none
+    of the known mappings (a library loaded since).
+    """
+
+    def __init__(self) -> None:
+        self._maps: dict[int, tuple[list[int], list[Any]]] = {}
+
+    def snapshot(self, pid: int) -> None:
+        from apptrace.errors import ApptraceError
+        from apptrace.procs import read_maps
+
+        try:
+            maps = sorted(read_maps(pid), key=lambda m: m.start)
+        except ApptraceError:  # gone already: keep what we had
+            maps = self._maps.get(pid, ([], []))[1]
+        self._maps[pid] = ([m.start for m in maps], maps)
+
+    def where(self, pid: int, addr: int) -> tuple[Optional[str], Optional[int]]:
+        """(file or pseudo-file such as [vdso], offset in the file) or (None, None)."""
+        for fresh in (False, True):
+            if fresh or pid not in self._maps:
+                self.snapshot(pid)
+            starts, maps = self._maps[pid]
+            i = bisect.bisect_right(starts, addr) - 1
+            if i >= 0 and addr < maps[i].end:
+                m = maps[i]
+                if not m.path:
+                    return None, None  # anonymous memory (JIT code, for one)
+                return m.path, (addr - m.start + m.offset if m.path.startswith("/") else None)
+        return None, None
+
+    def frames(self, ev: Event) -> list[dict[str, Any]]:
+        out = []
+        for addr in ev.raw_stack or ():
+            module, offset = self.where(ev.pid, addr)
+            out.append({"addr": addr, "module": module, "module_offset": offset})
+        return out
+
+
+def _emit(ev: Event, out: TextIO, as_json: bool, modules: Optional[_RawModules] = None) -> None:
+    raw = modules.frames(ev) if modules is not None and ev.raw_stack is not None else None
     if as_json:
-        out.write(json.dumps(ev.to_json(), separators=(",", ":")) + "\n")
+        d = ev.to_json()
+        if raw is not None:
+            d["frames"] = raw
+        out.write(json.dumps(d, separators=(",", ":")) + "\n")
         return
     out.write(ev.format() + "\n")
+    for rf in raw or ():
+        where = rf["module"] or "?"
+        if rf["module_offset"] is not None:
+            where += f"+{rf['module_offset']:#x}"
+        out.write(escape_text(f"    {rf['addr']:#x} ({where})") + "\n")
     if ev.stack is not None:
         for f in ev.stack:
             where = f" {f.file}:{f.line}" if f.file else ""
