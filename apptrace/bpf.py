@@ -275,7 +275,7 @@ class Program:
         try:
             return self.obj.maps[name]
         except KeyError:
-            raise ApptraceError(f"no BPF map {name} in the program") from None
+            raise BpfError(f"no BPF map {name} in the program") from None
 
     def map_fd(self, name: str) -> int:
         return self.map(name).fd

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 from apptrace.capabilities import bpf
-from apptrace.errors import ApptraceError, TracePermissionError
+from apptrace.errors import BpfError, TracePermissionError
 
 __all__ = ["MapSpec", "CompiledObject", "LoadedObject", "BpfMap", "cache_get", "cache_put",
            "possible_cpus"]
@@ -93,7 +93,7 @@ def map_info(fd: int) -> tuple[int, int, int, int, int]:
     struct.pack_into("<IIQ", attr, 0, fd, len(info), ctypes.addressof(info))
     ret, err = bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
     if ret < 0:
-        raise ApptraceError(f"cannot read BPF map info: {os.strerror(err)}")
+        raise BpfError(f"cannot read BPF map info: {os.strerror(err)}", errno=err)
     mtype, _id, key, value, entries, flags = struct.unpack_from("<IIIIII", info, 0)
     return mtype, key, value, entries, flags
 
@@ -109,7 +109,7 @@ def unbind(insns: bytes, fd_names: dict[int, str]) -> tuple[bytes, tuple[tuple[i
             if regs >> 4 == _PSEUDO_MAP_FD:
                 fd = struct.unpack_from("<i", buf, i * 8 + 4)[0]
                 if fd not in fd_names:
-                    raise ApptraceError(f"instruction {i} refers to an unknown map fd {fd}")
+                    raise BpfError(f"instruction {i} refers to an unknown map fd {fd}")
                 relocs.append((i, fd_names[fd]))
                 struct.pack_into("<i", buf, i * 8 + 4, 0)
             i += 2
@@ -165,14 +165,16 @@ class BpfMap:
         if err == _errno.ENOENT or (err == _errno.EFAULT and self.spec.type == 7):
             return None  # no such key (a stack map answers EFAULT for a free id)
         if err:
-            raise ApptraceError(f"map {self.spec.name}: lookup failed: {os.strerror(err)}")
+            raise BpfError(f"map {self.spec.name}: lookup failed: {os.strerror(err)}",
+                           errno=err)
         return value.raw
 
     def update(self, key: bytes, value: bytes) -> None:
         v = ctypes.create_string_buffer(value, len(value))
         err = self._op(BPF_MAP_UPDATE_ELEM, key, v)
         if err:
-            raise ApptraceError(f"map {self.spec.name}: update failed: {os.strerror(err)}")
+            raise BpfError(f"map {self.spec.name}: update failed: {os.strerror(err)}",
+                           errno=err)
 
     def keys(self) -> Iterator[bytes]:
         nxt = ctypes.create_string_buffer(self.spec.key_size)
@@ -186,8 +188,8 @@ class BpfMap:
             if ret < 0:
                 if err == _errno.ENOENT:
                     return
-                raise ApptraceError(f"map {self.spec.name}: iteration failed: "
-                                    f"{os.strerror(err)}")
+                raise BpfError(f"map {self.spec.name}: iteration failed: "
+                               f"{os.strerror(err)}", errno=err)
             key = nxt.raw
             yield key
 
@@ -225,16 +227,16 @@ class LoadedObject:
         if fd < 0:
             if err in (_errno.EPERM, _errno.EACCES):
                 raise TracePermissionError(f"cannot create BPF map {spec.name}")
-            raise ApptraceError(f"cannot create BPF map {spec.name} (type {spec.type},"
-                                f" {spec.max_entries} entries): {os.strerror(err)}",
-                                hint="a ring buffer needs memory: try a smaller --ring-mb")
+            raise BpfError(f"cannot create BPF map {spec.name} (type {spec.type},"
+                           f" {spec.max_entries} entries): {os.strerror(err)}", errno=err,
+                           hint="a ring buffer needs memory: try a smaller --ring-mb")
         return fd
 
     def load(self, name: str, *, expected_attach_type: int = 0,
              prog_type: int = BPF_PROG_TYPE_KPROBE) -> int:
         """Load entry function ``name`` (a kprobe-type program unless told); its fd."""
         if name not in self.obj.functions:
-            raise ApptraceError(f"no BPF function {name} in the compiled object")
+            raise BpfError(f"no BPF function {name} in the compiled object")
         insns = _bind(self.obj.functions[name], self.obj.relocs.get(name, ()),
                       {n: m.fd for n, m in self.maps.items()})
         fd, err, log = self._prog_load(name, insns, expected_attach_type, prog_type,
@@ -246,8 +248,8 @@ class LoadedObject:
             if err in (_errno.EPERM, _errno.EACCES):
                 raise TracePermissionError(f"the kernel refused to load BPF program {name}")
             tail = " | ".join(log.strip().splitlines()[-6:])
-            raise ApptraceError(f"the kernel rejected BPF program {name}: {os.strerror(err)}"
-                                + (f" (verifier: {tail})" if tail else ""))
+            raise BpfError(f"the kernel rejected BPF program {name}: {os.strerror(err)}"
+                           + (f" (verifier: {tail})" if tail else ""), errno=err)
         self._prog_fds.append(fd)
         return fd
 

@@ -12,6 +12,7 @@ sequences) when printed as text; JSON output needs none of this.
 
 from __future__ import annotations
 
+import contextlib
 import errno as _errno
 import os
 import stat
@@ -20,7 +21,8 @@ from typing import IO, Any, Optional, TextIO
 
 from apptrace.errors import OutputError
 
-__all__ = ["open_private", "open_output", "escape_text", "TextOutput", "EscapingWriter"]
+__all__ = ["open_private", "open_output", "escape_text", "TextOutput", "EscapingWriter",
+           "replace_private", "read_regular"]
 
 _MAX_LINKS = 40  # symbolic links followed in one path, as the kernel allows
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
@@ -302,3 +304,46 @@ class EscapingWriter:
 
     def flush(self) -> None:
         self._stream.flush()
+
+
+def replace_private(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically: a new ``0600`` file made with
+    ``O_EXCL`` in the same directory (a name nobody can have planted), then
+    renamed over ``path`` (a rename replaces a link, it never follows one)."""
+    import tempfile
+
+    directory = os.path.dirname(path) or "."
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".apptrace-")
+    except OSError as err:
+        raise _fail(path, err.strerror or str(err), err.errno or 0) from err
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise _fail(path, err.strerror or str(err), err.errno or 0) from err
+
+
+def read_regular(path: str, limit: int) -> bytes:
+    """At most ``limit`` bytes of a regular file another user may control: a FIFO
+    does not block, a device is not read, a symbolic link at the end is refused."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as err:
+        raise OSError(err.errno, f"cannot read {path}: {err.strerror}") from err
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(_errno.EINVAL, f"{path} is not a regular file")
+        chunks, left = [], limit
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
