@@ -34,6 +34,7 @@ $(STAMPS):
 
 fixtures:
 	@$(MAKE) -s -C fixtures/c
+	@$(MAKE) -s -C fixtures/java
 
 include mk/blazesym.mk
 
@@ -85,3 +86,4 @@ lint: venv
 clean:
 	rm -rf $(BUILD) $(VENV) dist apptrace/libblazesym_c.so apptrace/LICENSE.blazesym
 	@$(MAKE) -s -C fixtures/c clean
+	@$(MAKE) -s -C fixtures/java clean
