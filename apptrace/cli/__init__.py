@@ -13,10 +13,11 @@ killed tracer left raised.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import signal
 import sys
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from apptrace.cli.base import (
     Command,
@@ -25,26 +26,57 @@ from apptrace.cli.base import (
     install_signal_handlers,
     say,
 )
-from apptrace.cli.doctor import DoctorCommand
-from apptrace.cli.jvm import JvmGcCommand
-from apptrace.cli.semaphores import SemaphoresCommand
-from apptrace.cli.trace import TraceCommand
-from apptrace.cli.usdt import UsdtListCommand
 from apptrace.errors import ApptraceError
 
-__all__ = ["main", "Command", "CommandError"]
+__all__ = ["main", "Command", "CommandError", "COMMANDS"]
 
-COMMANDS: list[type[Command]] = [UsdtListCommand, TraceCommand, DoctorCommand,
-                                 SemaphoresCommand, JvmGcCommand]
+# Every command: its words after `apptrace`, and where its class lives. Only
+# the command being run is imported (all of them for `apptrace --help`), so
+# `apptrace usdt list` does not pay for the tracing engine's imports. Add new
+# commands here; COMMANDS gives the classes.
+REGISTRY: list[tuple[str, str, str]] = [
+    ("usdt list", "apptrace.cli.usdt", "UsdtListCommand"),
+    ("trace", "apptrace.cli.trace", "TraceCommand"),
+    ("doctor", "apptrace.cli.doctor", "DoctorCommand"),
+    ("semaphores", "apptrace.cli.semaphores", "SemaphoresCommand"),
+    ("jvm gc", "apptrace.cli.jvm", "JvmGcCommand"),
+]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _load(module: str, name: str) -> type[Command]:
+    cls: type[Command] = getattr(importlib.import_module(module), name)
+    return cls
+
+
+def __getattr__(name: str) -> Any:
+    if name == "COMMANDS":  # every command class, in REGISTRY order
+        return [_load(module, cls) for _words, module, cls in REGISTRY]
+    raise AttributeError(f"module 'apptrace.cli' has no attribute {name!r}")
+
+
+def _selected(argv: Sequence[str]) -> list[type[Command]]:
+    """The command classes argv can mean: the one named, or all when it names none."""
+    words = [a for a in argv if not a.startswith("-")][:2]
+    if words:
+        chosen = [(m, c) for w, m, c in REGISTRY
+                  if w == words[0] or w.split()[0] == words[0]]
+        if len(words) == 2:
+            chosen = [(m, c) for w, m, c in REGISTRY if w == " ".join(words)] or chosen
+        if chosen:
+            return [_load(m, c) for m, c in chosen]
+    return [_load(m, c) for _w, m, c in REGISTRY]
+
+
+def build_parser(commands: Optional[Sequence[type[Command]]] = None) -> argparse.ArgumentParser:
+    from apptrace import __version__
+
     parser = argparse.ArgumentParser(
         prog="apptrace",
         description="Trace running programs with eBPF: USDT probes, uprobes, stacks.")
+    parser.add_argument("--version", action="version", version=f"apptrace {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}  # type: ignore[type-arg]
-    for cls in COMMANDS:
+    for cls in commands if commands is not None else __getattr__("COMMANDS"):
         words = cls.name.split()
         target = sub
         if len(words) == 2:
@@ -73,7 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not command_argv:
             print("apptrace: nothing after --; give a command to run", file=sys.stderr)
             return 2
-    parser = build_parser()
+    parser = build_parser(_selected(argv))
     args = parser.parse_args(argv)
     if command_argv is not None:
         if not getattr(args._command, "takes_command", False):

@@ -1,9 +1,11 @@
 """Read USDT probes from an ELF file's ``.note.stapsdt`` section.
 
-pyelftools gives us the ELF header, sections and segments; the stapsdt notes
-themselves are decoded here, because pyelftools labels every type-3 note
-``NT_GNU_BUILD_ID`` and has no decoder for their descriptor (three addresses,
-then provider, name and argument strings).
+The ELF header, program headers, section headers, symbols and the stapsdt
+notes are read here with :mod:`struct`: importing pyelftools and building its
+objects took longer than ``apptrace usdt list`` may take altogether, and
+pyelftools labels every type-3 note ``NT_GNU_BUILD_ID`` with no decoder for
+their descriptor (three addresses, then provider, name and argument strings).
+:attr:`ElfImage.elf` still offers pyelftools' full view, loaded on first use.
 
 Addresses: the kernel wants file offsets. A site's pc maps through the
 executable PT_LOAD that holds it; a semaphore through whichever PT_LOAD holds
@@ -20,9 +22,6 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Iterator, NamedTuple, Optional
 
-from elftools.common.exceptions import ELFError as _PyElfError
-from elftools.elf.elffile import ELFFile
-
 from apptrace.errors import ElfError, ElfNotFoundError, NoProbesError
 from apptrace.usdt.args import Argument, parse_arguments
 
@@ -33,6 +32,15 @@ _STT_FUNC, _STT_FILE, _STT_GNU_IFUNC = 2, 4, 10
 _SYM64 = struct.Struct("<IBBHQQ")  # Elf64_Sym (32-bit objects are refused earlier)
 _SHDR64 = struct.Struct("<IIQQQQIIQQ")  # Elf64_Shdr
 _SHT_NOTE, _SHT_NOBITS = 7, 8
+_PHDR64 = struct.Struct("<IIQQQQQQ")  # Elf64_Phdr
+_PT_LOAD = 1
+_ET_EXEC, _ET_DYN = 2, 3
+_EM_X86_64 = 62
+# Names for error messages, as readelf and pyelftools spell them.
+_ET_NAMES = {0: "ET_NONE", 1: "ET_REL", 2: "ET_EXEC", 3: "ET_DYN", 4: "ET_CORE"}
+_EM_NAMES = {3: "EM_386", 8: "EM_MIPS", 20: "EM_PPC", 21: "EM_PPC64", 22: "EM_S390",
+             40: "EM_ARM", 62: "EM_X86_64", 183: "EM_AARCH64", 243: "EM_RISCV",
+             258: "EM_LOONGARCH"}
 
 
 class _Section(NamedTuple):
@@ -99,9 +107,8 @@ class Probe:
 
 
 # What pyelftools raises for corrupt headers (seeks past the end, counts
-# that overflow, structures that do not parse).
-_MALFORMED = (_PyElfError, struct.error, ValueError, OverflowError, IndexError, KeyError,
-              EOFError)
+# that overflow, structures that do not parse), besides its own ELFError.
+_MALFORMED = (struct.error, ValueError, OverflowError, IndexError, KeyError, EOFError)
 _FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
                (stat.S_ISSOCK, "a socket"))
@@ -172,36 +179,57 @@ class ElfImage:
         if self._data[:4] != b"\x7fELF":
             raise ElfError("not an ELF file", path=self.display)
         _check_header_bounds(self._data, self.display)
-        try:
-            self.elf = ELFFile(self._data)  # type: ignore[arg-type]  # mmap reads like a file
-        except _MALFORMED as err:
-            raise ElfError(f"malformed ELF header ({err})", path=self.display) from err
-        hdr = self.elf.header
-        if hdr["e_type"] not in ("ET_EXEC", "ET_DYN"):
-            raise ElfError(f"ELF type {hdr['e_type']} cannot be traced"
+        self._elf: Any = None
+        data = self._data
+        ei_class, ei_data = (data[4], data[5]) if len(data) > 5 else (0, 0)
+        if ei_class not in (1, 2) or ei_data not in (1, 2) \
+                or len(data) < (_EHDR64.size if ei_class == 2 else 52):
+            raise ElfError(f"malformed ELF header (EI_CLASS {ei_class}, EI_DATA {ei_data},"
+                           f" {len(data)} bytes)", path=self.display)
+        e_type, e_machine = struct.unpack_from("<HH" if ei_data == 1 else ">HH", data, 16)
+        if e_type not in (_ET_EXEC, _ET_DYN):
+            raise ElfError(f"ELF type {_ET_NAMES.get(e_type, hex(e_type))} cannot be traced"
                            " (need an executable or shared object)", path=self.display)
-        if not self.elf.little_endian:
+        if ei_data != 1:
             raise ElfError("big-endian ELF; this host is little-endian", path=self.display)
-        if hdr["e_machine"] != "EM_X86_64":
-            raise ElfError(f"machine {hdr['e_machine']} is not supported (x86-64 only)",
-                           path=self.display)
-        self.is64 = self.elf.elfclass == 64
+        if e_machine != _EM_X86_64:
+            raise ElfError(f"machine {_EM_NAMES.get(e_machine, e_machine)} is not supported"
+                           " (x86-64 only)", path=self.display)
+        self.is64 = ei_class == 2
         if not self.is64:
             raise ElfError("32-bit ELF; this host traces 64-bit x86-64 objects only",
                            path=self.display)
-        self.loads: list[tuple[int, int, int, int, int]] = []  # vaddr, memsz, offset, filesz, flags
-        try:
-            for seg in self.elf.iter_segments():
-                if seg["p_type"] == "PT_LOAD":
-                    self.loads.append((seg["p_vaddr"], seg["p_memsz"], seg["p_offset"],
-                                       seg["p_filesz"], seg["p_flags"]))
-        except _MALFORMED as err:
-            raise ElfError(f"malformed program headers ({err})", path=self.display) from err
+        (_t, _m, _v, self.entry, phoff, shoff, _f, _eh, phentsize, phnum, shentsize, shnum,
+         shstrndx) = _EHDR64.unpack_from(data, 0)
+        self.executable = e_type == _ET_EXEC  # else ET_DYN: a PIE or a shared library
+        self._shdr_info = (shoff, shnum, shentsize, shstrndx)
+        # PT_LOAD segments as (vaddr, memsz, offset, filesz, flags); the table
+        # lies inside the file (checked above).
+        self.loads: list[tuple[int, int, int, int, int]] = []
+        for i in range(phnum):
+            p_type, p_flags, p_offset, p_vaddr, _pa, p_filesz, p_memsz, _al = \
+                _PHDR64.unpack_from(data, phoff + i * phentsize)
+            if p_type == _PT_LOAD:
+                self.loads.append((p_vaddr, p_memsz, p_offset, p_filesz, p_flags))
         self._symbols: Optional[dict[str, list[int]]] = None
         self._sections_cache: Optional[list[_Section]] = None
 
+    @property
+    def elf(self) -> Any:
+        """pyelftools' ``ELFFile`` of this file, for what the readers here do not cover."""
+        if self._elf is None:
+            from elftools.common.exceptions import ELFError as PyElfError
+            from elftools.elf.elffile import ELFFile
+
+            try:
+                self._elf = ELFFile(self._data)  # type: ignore[arg-type]  # mmap reads like a file
+            except (PyElfError, *_MALFORMED) as err:
+                raise ElfError(f"malformed ELF file ({err})", path=self.display) from err
+        return self._elf
+
     def close(self) -> None:
         """Unmap the file now rather than whenever the garbage collector runs."""
+        self._elf = None
         data, self._data = self._data, b""
         if isinstance(data, mmap.mmap):
             data.close()
@@ -240,14 +268,11 @@ class ElfImage:
 
         pyelftools builds a construct object per section; a process maps dozens
         of objects with 30-40 sections each, and this is what ``-p PID``
-        resolution spends its time on, so the table is read directly from the
-        offsets pyelftools gave us in the ELF header.
+        resolution spends its time on, so the table is read directly.
         """
         if self._sections_cache is not None:
             return self._sections_cache
-        hdr = self.elf.header
-        shoff, shnum, shentsize, shstrndx = (hdr["e_shoff"], hdr["e_shnum"],
-                                             hdr["e_shentsize"], hdr["e_shstrndx"])
+        shoff, shnum, shentsize, shstrndx = self._shdr_info
         data = self._data
         out: list[_Section] = []
         if shoff:
