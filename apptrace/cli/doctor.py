@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from apptrace.cli.base import Command, print_json
+from apptrace.output import escape_text
 
 
 class DoctorCommand(Command):
@@ -47,5 +48,5 @@ class DoctorCommand(Command):
                 line = f"{mark}  {c.name:<{w}}  {c.detail}"
                 if not c.ok and c.fix:
                     line += f"  -> fix: {c.fix}"
-                print(line)
+                print(escape_text(line))
         return 1 if failed else 0

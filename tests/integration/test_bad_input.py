@@ -323,3 +323,73 @@ def test_full_disk_mid_trace_is_one_line_after_cleanup(fixtures_dir: Path,
     time.sleep(0.2)
     left = [p for p in psutil.process_iter(["exe"]) if p.info["exe"] == str(loop)]
     assert left == [], "the spawned command survived"
+
+
+# --- two tracers on one semaphore probe ----------------------------------------------------
+
+@pytest.mark.bpf
+@pytest.mark.parametrize("first, second", [("kernel", "procmem"), ("procmem", "kernel")])
+def test_semaphore_modes_conflict_clearly_in_both_orders(fixtures_dir: Path, tmp_path: Path,
+                                                         spawn: Any, first: str,
+                                                         second: str) -> None:
+    from apptrace.semaphores import read_semaphore, semaphore_address
+
+    binary = tmp_path / "usdt_sema_pie"
+    shutil.copy2(fixtures_dir / "usdt_sema_pie", binary)
+    child = spawn([binary])
+    [ping] = [p for p in read_probes(binary) if p.name == "sema_ping"]
+    addr = semaphore_address(child.pid, str(binary), ping.sites[0].semaphore_offset)
+    with Session(pid=child.pid, semaphores=first) as a:
+        a.add("usdt:apptrace_fx:sema_ping")
+        a.start()
+        assert read_semaphore(child.pid, addr) == 1
+        b = Session(pid=child.pid, semaphores=second)
+        b.add("usdt:apptrace_fx:sema_ping")
+        with pytest.raises(E.SemaphoreConflictError) as info:
+            b.start()
+        err = info.value
+        assert isinstance(err, OSError) and err.errno == 22
+        assert "ref_ctr_offset" in str(err)
+        assert f"--semaphores {first}" in str(err)  # the fix: the other tracer's mode
+        assert read_semaphore(child.pid, addr) == 1  # the failed tracer left nothing
+    assert read_semaphore(child.pid, addr) == 0
+
+
+# --- doctor without privilege --------------------------------------------------------------
+
+NOCAPS = ["setpriv", "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all"]
+
+
+def _unprivileged() -> list[str]:
+    """nobody, if nobody can run the checkout's interpreter; else root without
+    capabilities (a checkout under a private home)."""
+    probe = subprocess.run([*NOBODY, str(ROOT / ".venv" / "bin" / "python"), "-c",
+                            "import apptrace"], capture_output=True, cwd="/", timeout=60)
+    return NOBODY if probe.returncode == 0 else NOCAPS
+
+
+@pytest.mark.bpf
+def test_doctor_without_privilege_says_what_it_could_not_check() -> None:
+    who = _unprivileged()
+    r = subprocess.run([*who, str(ROOT / ".venv" / "bin" / "python"), "-m", "apptrace",
+                        "doctor", "--json"], capture_output=True, text=True, cwd="/",
+                       timeout=120)
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 1  # the privileges check fails, and names the fix
+    checks = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
+    assert not checks["privileges"]["ok"] and "CAP_BPF" in checks["privileges"]["fix"]
+    for name in ("BPF ring buffer", "uprobe_multi link"):
+        c = checks[name]
+        assert c["checked"] is False and c["detail"].startswith("not checked"), c
+        assert "kernel >=" not in c["detail"] + c["fix"], c
+    assert checks["bcc"]["checked"] is False and "importable" in checks["bcc"]["detail"]
+    tracefs = checks["tracefs"]
+    if who is NOBODY:  # tracefs itself is root-only: it is mounted, just not readable
+        assert tracefs["checked"] is False and "mounted at" in tracefs["detail"], tracefs
+    assert "not mounted" not in tracefs["detail"]
+    failed = [n for n, c in checks.items() if c["required"] and not c["ok"] and c["checked"]]
+    assert set(failed) <= {"privileges", "bpf program load"}, failed
+    text = subprocess.run([*who, str(ROOT / ".venv" / "bin" / "python"), "-m", "apptrace",
+                           "doctor"], capture_output=True, text=True, cwd="/", timeout=120)
+    skipped = [ln for ln in text.stdout.splitlines() if ln.startswith("skip")]
+    assert len(skipped) >= 3 and all("not checked" in ln for ln in skipped), text.stdout
