@@ -37,6 +37,8 @@ __all__ = [
     "NotAJvmError",
     "JvmProbesMissingError",
     "GcLogError",
+    "NoTlsLibraryError",
+    "StrippedTlsError",
 ]
 
 
@@ -294,3 +296,24 @@ class ExpressionError(ApptraceError, ValueError):
 
 class GcLogError(ApptraceError, ValueError):
     """A GC log apptrace cannot compare with: unreadable, or written without ``timenanos``."""
+
+
+class NoTlsLibraryError(ApptraceError, LookupError):
+    """A target has no TLS implementation apptrace can hook; says what was searched."""
+
+    def __init__(self, message: str, *, searched: tuple[str, ...] = (),
+                 hint: Optional[str] = None) -> None:
+        super().__init__(message, hint=hint)
+        self.searched = searched
+
+
+class StrippedTlsError(NoTlsLibraryError):
+    """A binary contains OpenSSL but no symbols to find its functions by."""
+
+    def __init__(self, path: str, what: str) -> None:
+        super().__init__(f"{path} contains {what} linked in, but its symbol table is stripped:"
+                         " its TLS functions cannot be located",
+                         hint="use a build with symbols (not stripped with -s), or a build"
+                              " linking OpenSSL as a shared library")
+        self.path = path
+        self.what = what

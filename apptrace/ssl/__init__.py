@@ -1,9 +1,23 @@
-"""Plaintext TLS capture (``apptrace ssl``): the next probe family, not built yet.
+"""Plaintext TLS capture (``apptrace ssl``): what a process sends and receives
+over TLS, byte-exact and per connection.
 
-It will be a client of :class:`apptrace.session.Session` like every family:
-uprobes/uretprobes on SSL_read/SSL_write (and their ``_ex`` forms), GnuTLS and
-statically linked OpenSSL, with entry/return pairs and chunked payloads.
-Nothing here is importable API yet.
+Hooks OpenSSL (shared ``libssl`` or linked into an executable, including the
+``_ex`` forms and ``SSL_peek``), GnuTLS and NSS with uprobes; large calls
+are copied in pieces so nothing is truncated, each connection direction
+carries a running byte offset, and lost bytes become explicit :class:`Gap`
+items::
+
+    import apptrace.ssl
+
+    with apptrace.ssl.capture(pid=1234, keep=True) as cap:
+        for item in cap:                       # Chunk or Gap
+            print(item.conn.five_tuple, item.direction, item.offset, item.data[:40])
+        body = cap.stream(cap.connections[0], "read").data
 """
 
-__all__: list[str] = []
+from apptrace.ssl.capture import Capture, capture
+from apptrace.ssl.libraries import TlsLibrary
+from apptrace.ssl.model import CaptureStats, Chunk, Connection, Gap, Stream, reassemble
+
+__all__ = ["Capture", "CaptureStats", "Chunk", "Connection", "Gap", "Stream", "TlsLibrary",
+           "capture", "reassemble"]
