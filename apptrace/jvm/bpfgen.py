@@ -54,7 +54,7 @@ MAX_POOLS = 32
 MAX_SPECS = 64                  # probe sites per libjvm (JDK 25 has 10 GC sites)
 SPEC_ARG = struct.Struct("<BBBBHHqQ")  # struct apptrace_arg (apptrace.codegen.header_c)
 HIST_SUB = 4                    # sub-buckets per power of two
-HIST_BUCKETS = 40 * HIST_SUB     # microseconds up to 2**40 (12 days)
+HIST_BUCKETS = 64 * HIST_SUB     # microseconds; a power of two, so the C can mask the index
 KIND_PAUSE, KIND_CYCLE = 1, 2
 
 # state flags (also in records)
@@ -376,7 +376,7 @@ __POOL_LOOP__
     __sync_fetch_and_add(&v->sum, d);
     if (d > v->max) v->max = d;
     u32 b = bucket(d);
-    if (b < NB) __sync_fetch_and_add(&v->hist[b], 1);
+    __sync_fetch_and_add(&v->hist[b & (NB - 1)], 1);
     if (s->flags & F_SP_SEEN) {
         u64 sp = s->sp_end - s->sp_begin;
         __sync_fetch_and_add(&v->spcount, 1);

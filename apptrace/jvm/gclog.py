@@ -16,6 +16,7 @@ pauses' collections (one per memory manager that reported, else one).
 
 from __future__ import annotations
 
+import bisect
 import re
 import statistics
 from dataclasses import dataclass, field
@@ -30,8 +31,8 @@ __all__ = ["LogPause", "LogSafepoint", "GcLog", "parse_gc_log", "read_gc_log", "
 _DECOR = re.compile(r"^((?:\[[^\]]*\])+)\s?(.*)$")
 _NANOS = re.compile(r"^(\d+)ns$")
 _PAUSE = re.compile(r"^GC\((\d+)\) (?:[YyOo]: )?(Pause .*?)\s*([0-9]+(?:\.[0-9]+)?)ms$")
-_HEAP = re.compile(r"\s+\d+[BKMGT]\(\d+%\)->\d+[BKMGT]\(\d+%\)|\s+\d+[BKMGT]->\d+[BKMGT]"
-                   r"\(\d+[BKMGT]\)")
+_HEAP = re.compile(r"\s+(\d+)([BKMGT])->(\d+)([BKMGT])\((\d+)([BKMGT])\)")
+_UNITS = {"B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SAFEPOINT = re.compile(r'^Safepoint "([^"]*)".*?Total: (\d+) ns')
 _REACHING = re.compile(r"Reaching safepoint: (\d+) ns")
 # The cause ends the line of these pause kinds; other parentheses are part of the kind.
@@ -47,6 +48,9 @@ class LogPause:
     kind: str                  # "Pause Young (Normal)", "Pause Full", "Pause Mark Start"
     cause: Optional[str]
     duration_ns: int
+    heap_before: Optional[int] = None   # bytes, rounded to the unit the log printed
+    heap_after: Optional[int] = None
+    heap_unit: int = 0                  # that unit (1 MiB for "152M->6M(256M)")
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,14 @@ def _tags(decor: list[str]) -> Optional[set[str]]:
         if ("gc" in words or "safepoint" in words) and not words & _LEVELS:
             return words
     return None
+
+
+def _heap(text: str) -> tuple[Optional[int], Optional[int], int]:
+    h = _HEAP.search(text)
+    if not h:
+        return None, None, 0
+    u0, u1 = _UNITS[h.group(2)], _UNITS[h.group(4)]
+    return int(h.group(1)) * u0, int(h.group(3)) * u1, max(u0, u1)
 
 
 def _split_kind(text: str) -> tuple[str, Optional[str]]:
@@ -119,7 +131,7 @@ def parse_gc_log(lines: Iterable[str], *, name: str = "the GC log") -> GcLog:
         if p:
             kind, cause = _split_kind(p.group(2))
             pauses.append(LogPause(ts, int(p.group(1)), kind, cause,
-                                   round(float(p.group(3)) * 1e6)))
+                                   round(float(p.group(3)) * 1e6), *_heap(p.group(2))))
     how = "write it with -Xlog:gc*,safepoint:file=gc.log:uptime,timenanos,tid,level,tags"
     if n and not decorated:
         raise GcLogError(f"{name} is not a HotSpot unified log (no [decorations])", hint=how)
@@ -170,6 +182,7 @@ class KindErrors:
 class GcLogComparison:
     """How the traced pauses line up with the log over the same window."""
 
+    pid: Optional[int]             # the JVM compared (None: no pauses traced)
     log_pauses: int                # log pause lines in the window
     traced_pauses: int             # traced pauses (stop-the-world VM operations)
     traced_collections: int        # traced pauses counted as the log counts them
@@ -178,6 +191,10 @@ class GcLogComparison:
     unmatched_pauses: int          # traced pauses no log line fell in
     kinds: tuple[KindErrors, ...]  # duration error per pause kind
     safepoint: Optional[KindErrors]  # traced safepoint minus the log's Total
+    causes_agree: int = 0          # traced cause equals the log's (where the log names one)
+    causes_differ: tuple[tuple[str, str], ...] = ()   # (log, traced) where they do not
+    heap_agree: int = 0            # heap before->after equal to the log's, to its rounding
+    heap_differ: int = 0
     errors: tuple[tuple[str, int, int], ...] = field(default=(), repr=False)
     # (kind, log duration, traced minus log) per matched pause, for the tests
 
@@ -186,7 +203,7 @@ class GcLogComparison:
         return self.log_pauses == self.traced_collections and not self.unmatched_lines
 
     def to_json(self) -> dict[str, Any]:
-        return {"type": "gc_log_check", "counts_equal": self.counts_equal,
+        return {"type": "gc_log_check", "pid": self.pid, "counts_equal": self.counts_equal,
                 "log_pauses": self.log_pauses, "traced_pauses": self.traced_pauses,
                 "traced_collections": self.traced_collections,
                 "matched_lines": self.matched_lines,
@@ -195,7 +212,10 @@ class GcLogComparison:
                                     for p in self.unmatched_lines],
                 "unmatched_pauses": self.unmatched_pauses,
                 "kinds": [k.to_json() for k in self.kinds],
-                "safepoint": self.safepoint.to_json() if self.safepoint else None}
+                "safepoint": self.safepoint.to_json() if self.safepoint else None,
+                "causes_agree": self.causes_agree,
+                "causes_differ": [list(c) for c in self.causes_differ],
+                "heap_agree": self.heap_agree, "heap_differ": self.heap_differ}
 
 
 def _quantile(values: Sequence[int], q: float) -> int:
@@ -216,7 +236,14 @@ def compare_with_log(pauses: Sequence[Any], log: GcLog, start_ns: int,
     Only log lines of collections that began after ``start_ns`` (and ended
     before ``end_ns``) count: the window the tracer saw. A log line belongs
     to the traced pause whose stop-the-world window contains its time stamp.
+    Without ``pid``, pauses of several JVMs (``--all``) are compared JVM by
+    JVM and the one the log lines up with best is reported.
     """
+    if pid is None:
+        pids = sorted({p.pid for p in pauses if getattr(p, "type", "pause") == "pause"})
+        if len(pids) > 1:
+            return max((compare_with_log(pauses, log, start_ns, end_ns, p) for p in pids),
+                       key=lambda c: (c.matched_lines, -c.unmatched_pauses))
     traced = sorted((p for p in pauses if getattr(p, "type", "pause") == "pause"
                      and (pid is None or p.pid == pid)), key=lambda p: p.ts_ns)
     end = end_ns if end_ns is not None else (1 << 63)
@@ -225,7 +252,6 @@ def compare_with_log(pauses: Sequence[Any], log: GcLog, start_ns: int,
     groups: dict[int, list[LogPause]] = {}
     unmatched: list[LogPause] = []
     starts = [p.ts_ns for p in traced]
-    import bisect
 
     for lp in window:
         i = bisect.bisect_right(starts, lp.ts_ns) - 1
@@ -235,7 +261,25 @@ def compare_with_log(pauses: Sequence[Any], log: GcLog, start_ns: int,
             unmatched.append(lp)
     by_kind: dict[str, tuple[list[int], list[int]]] = {}
     rows: list[tuple[str, int, int]] = []
+    causes_agree, heap_agree, heap_differ = 0, 0, 0
+    causes_differ: list[tuple[str, str]] = []
     for i, lines in groups.items():
+        p = traced[i]
+        for lp in lines:
+            if lp.cause is not None:
+                if lp.cause == p.cause:
+                    causes_agree += 1
+                else:
+                    causes_differ.append((lp.cause, p.cause or ""))
+        first, last = lines[0], lines[-1]
+        if first.heap_before is not None and last.heap_after is not None and \
+                p.heap_before is not None and p.heap_after is not None:
+            # the log rounds to its unit (down or to the nearest, by collector)
+            if abs(p.heap_before - first.heap_before) <= first.heap_unit and \
+                    abs(p.heap_after - last.heap_after) <= last.heap_unit:
+                heap_agree += 1
+            else:
+                heap_differ += 1
         logged = sum(lp.duration_ns for lp in lines)
         kind = " + ".join(lp.kind for lp in lines)
         err = traced[i].duration_ns - logged
@@ -245,36 +289,39 @@ def compare_with_log(pauses: Sequence[Any], log: GcLog, start_ns: int,
         es.append(err)
     kinds = tuple(_errors(k, lg, es) for k, (lg, es) in sorted(by_kind.items(),
                                                                   key=lambda kv: -len(kv[1][0])))
-    # Safepoints: the log line of the same operation written nearest to its end.
+    # Safepoints: a safepoint's line is written as it ends, so it is the first
+    # line after the safepoint began (names differ: the log has the operation's
+    # type, "ShenandoahInitMark", the probe its name, "Shenandoah Init Marking").
     sp_logged: list[int] = []
     sp_errs: list[int] = []
-    by_op: dict[str, list[LogSafepoint]] = {}
-    for s in log.safepoints:
-        by_op.setdefault(s.vm_op, []).append(s)
+    sp_ts = [s.ts_ns for s in log.safepoints]
     for p in traced:
-        if p.safepoint_ns is None or not p.vm_op or p.vm_op not in by_op:
+        if p.safepoint_ns is None:
             continue
-        cands = by_op[p.vm_op]
-        best = min(cands, key=lambda s: abs(s.ts_ns - p.end_ns))
-        if abs(best.ts_ns - p.end_ns) > 5_000_000:
+        j = bisect.bisect_right(sp_ts, p.ts_ns)
+        if j >= len(sp_ts) or sp_ts[j] - p.end_ns > 10_000_000:
             continue
+        best = log.safepoints[j]
         sp_logged.append(best.total_ns)
         sp_errs.append(p.safepoint_ns - best.total_ns)
     sp = _errors("safepoint", sp_logged, sp_errs) if sp_errs else None
     in_window = [p for p in traced if p.ts_ns >= start_ns and p.end_ns <= end]
     return GcLogComparison(
+        pid=pid if pid is not None else (traced[0].pid if traced else None),
         log_pauses=len(window), traced_pauses=len(in_window),
         traced_collections=sum(collections_in(p.managers) for p in in_window),
         matched_lines=len(window) - len(unmatched), unmatched_lines=tuple(unmatched),
         unmatched_pauses=len(in_window) - len(groups), kinds=kinds, safepoint=sp,
-        errors=tuple(rows))
+        causes_agree=causes_agree, causes_differ=tuple(causes_differ),
+        heap_agree=heap_agree, heap_differ=heap_differ, errors=tuple(rows))
 
 
 def format_comparison(c: GcLogComparison, name: str = "GC log") -> list[str]:
     """What --check-gc-log prints: counts, then the error distribution per kind."""
     verdict = "equal" if c.counts_equal else "DIFFERENT"
+    who = f" of pid {c.pid}" if c.pid is not None else ""
     lines = [f"{name}: {c.log_pauses} pause lines, traced {c.traced_collections} collections in"
-             f" {c.traced_pauses} pauses: counts {verdict}"]
+             f" {c.traced_pauses} pauses{who}: counts {verdict}"]
     if c.unmatched_lines:
         lines.append(f"  {len(c.unmatched_lines)} log lines fell in no traced pause (first:"
                      f" GC({c.unmatched_lines[0].gc_id}) {c.unmatched_lines[0].kind})")
@@ -289,6 +336,13 @@ def format_comparison(c: GcLogComparison, name: str = "GC log") -> list[str]:
             lines.append(f"    {k.kind[:34]:<34} {k.count:>5} {k.log_median_ns / 1e3:>11.1f}"
                          f" {k.error_median_ns / 1e3:>+11.1f} {k.relative_median * 100:>+6.1f}%"
                          f" {k.error_p10_ns / 1e3:>+9.1f} {k.error_p90_ns / 1e3:>+9.1f}")
+    if c.causes_agree or c.causes_differ:
+        first = (f" (first: log {c.causes_differ[0][0]!r}, traced {c.causes_differ[0][1]!r})"
+                 if c.causes_differ else "")
+        lines.append(f"  causes: {c.causes_agree} agree, {len(c.causes_differ)} differ{first}")
+    if c.heap_agree or c.heap_differ:
+        lines.append(f"  heap before->after: {c.heap_agree} agree with the log's rounding,"
+                     f" {c.heap_differ} differ")
     sp = c.safepoint
     if sp is not None:
         lines.append(f"  safepoint minus the log's Total: median {sp.error_median_ns / 1e3:+.1f}us,"

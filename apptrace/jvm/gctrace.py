@@ -34,7 +34,7 @@ from apptrace import capabilities
 from apptrace.errors import ApptraceError, OptionError, TracePermissionError
 from apptrace.jvm import bpfgen
 from apptrace.jvm.hsperf import HsPerfData, find_hsperfdata
-from apptrace.jvm.summary import Accumulator, GcSummary
+from apptrace.jvm.summary import _YOUNG, Accumulator, GcSummary
 from apptrace.jvm.target import (
     HeldCommand,
     JvmProcess,
@@ -52,7 +52,7 @@ from apptrace.procs import ProcessRef
 
 __all__ = ["PoolUsage", "GcPause", "GcCycle", "GcEvent", "GcTracer", "gc", "is_heap_pool",
            "FULL_MANAGERS", "YOUNG_MANAGERS", "pause_kind", "format_event", "heap_text",
-           "size_text", "lost_in"]
+           "size_text", "lost_in", "heap_usage"]
 
 FULL_MANAGERS = frozenset({"MarkSweepCompact", "PS MarkSweep", "G1 Old Generation",
                            "G1 Full GC"})
@@ -161,7 +161,7 @@ class GcCycle:
 
 GcEvent = Union[GcPause, GcCycle]
 
-YOUNG_MANAGERS = frozenset({"G1 Young Generation", "Copy", "PS Scavenge", "ParNew"})
+YOUNG_MANAGERS = _YOUNG
 
 
 def pause_kind(vm_op: Optional[str], managers: Sequence[str], full: bool) -> str:
@@ -533,6 +533,9 @@ class GcTracer:
             return []
         if self.all_jvms and not self._detached:
             self._rescan()
+        for pid in self._targets:
+            if self._perf.get(pid) is None:
+                self._learn(pid)  # a JVM just started publishes its counters a bit later
         assert self._epoll is not None
         rings = [a.ring for a in self._attached.values() if a.ring is not None]
         if timeout is None or timeout > 0:
@@ -629,11 +632,7 @@ class GcTracer:
                                    None if mx == _MAX_UNSET else mx,
                                    u0 if have & 1 else None, c0 if have & 1 else None,
                                    u1 if have & 2 else None, c1 if have & 2 else None))
-        heap = [p for p in pools if p.heap]
-        before = [p.used_before for p in heap if p.used_before is not None]
-        after = [p.used_after for p in heap if p.used_after is not None]
-        heap_before = sum(before) if before else None
-        heap_after = sum(after) if after else None
+        heap_before, heap_after, _ = heap_usage(pools)
         why = self._cause(pid, cause, last)
         for p in pools:
             if p.used_after is not None:
@@ -799,6 +798,28 @@ def lost_in(counters: dict[str, int]) -> int:
     return sum(counters.get(k, 0) for k in LOST_COUNTERS)
 
 
+def heap_usage(pools: Sequence[PoolUsage]
+               ) -> tuple[Optional[int], Optional[int], Optional[int]]:
+    """Heap used before and after, and committed after, summed over heap
+    pools. When one pause ran two collections (a young one escalated to
+    full), each manager reported every pool: before is the first manager's,
+    after the last one's."""
+    managers: list[str] = []
+    for p in pools:
+        if p.heap and p.manager not in managers:
+            managers.append(p.manager)
+    if not managers:
+        return None, None, None
+    before = [p.used_before for p in pools
+              if p.heap and p.manager == managers[0] and p.used_before is not None]
+    after = [p.used_after for p in pools
+             if p.heap and p.manager == managers[-1] and p.used_after is not None]
+    committed = [p.committed_after for p in pools
+                 if p.heap and p.manager == managers[-1] and p.committed_after is not None]
+    return ((sum(before) if before else None), (sum(after) if after else None),
+            (sum(committed) if committed else None))
+
+
 def size_text(n: Optional[int]) -> str:
     """Bytes the way a GC log writes them: 152M, 900K."""
     if n is None:
@@ -814,8 +835,8 @@ def heap_text(ev: GcEvent) -> str:
     """``before->after(committed)`` over the heap pools, as the GC log prints it."""
     if ev.heap_before is None and ev.heap_after is None:
         return ""
-    committed = [p.committed_after for p in ev.pools if p.heap and p.committed_after is not None]
-    tail = f"({size_text(sum(committed))})" if committed else ""
+    committed = heap_usage(ev.pools)[2]
+    tail = f"({size_text(committed)})" if committed is not None else ""
     return f"{size_text(ev.heap_before)}->{size_text(ev.heap_after)}{tail}"
 
 

@@ -216,6 +216,10 @@ def format_log2(hist: Sequence[int], width: int = 40) -> list[str]:
     return lines
 
 
+# Memory managers of young collections (gctrace.YOUNG_MANAGERS, without the import cycle).
+_YOUNG = frozenset({"G1 Young Generation", "Copy", "PS Scavenge", "ParNew"})
+
+
 def _ms(ns: int) -> str:
     return f"{ns / 1e6:.3f}"
 
@@ -234,7 +238,8 @@ def format_summary(summary: GcSummary, main_class: Optional[dict[int, str]] = No
              "p99 ms", "max ms", "SAFEPOINT ms")]
     for c in summary.collectors:
         est = "" if c.exact else "~"
-        kind = "cycle" if c.type == "cycle" else ("full" if c.full else "young")
+        kind = "cycle" if c.type == "cycle" else ("full" if c.full else (
+            "young" if c.manager in _YOUNG else "pause"))
         rows.append((str(c.pid), names.get(c.pid, ""), c.manager, kind, str(c.count),
                      _ms(c.total_ns), est + _ms(c.p50_ns), est + _ms(c.p90_ns),
                      est + _ms(c.p99_ns), _ms(c.max_ns),
