@@ -715,7 +715,7 @@ class GcTracer:
             vals = bpfgen.AGG_VALUE.unpack(raw[:bpfgen.AGG_VALUE.size])
             count, total, mx, spc, sps, spm = vals[:6]
             hist = vals[6:6 + nb]
-            kind = kindf & 0xFF
+            kind = kindf & 0xF  # the F_FULL bit rides above the kind
             if pid not in self._main_class:
                 self._learn(pid)
             if kind == bpfgen.KIND_CYCLE:
