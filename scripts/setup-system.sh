@@ -7,6 +7,9 @@ PKGS=(python3-bpfcc libbpfcc bpfcc-tools linux-headers-amd64 systemtap-sdt-dev
       bpftrace binutils gcc g++ make libssl-dev libgnutls28-dev curl)
 # Real programs the tests trace (tests/integration/test_real_programs.py).
 PKGS+=(python3.11 postgresql-15 openjdk-17-jdk-headless openssl)
+# TLS capture fixtures and tests: NSS headers, the openssl CLI (certificate,
+# s_server), node (statically linked OpenSSL), curl.
+PKGS+=(libnss3-dev libnspr4-dev openssl nodejs curl)
 
 missing=()
 for p in "${PKGS[@]}"; do

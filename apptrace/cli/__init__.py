@@ -40,6 +40,7 @@ REGISTRY: list[tuple[str, str, str]] = [
     ("doctor", "apptrace.cli.doctor", "DoctorCommand"),
     ("semaphores", "apptrace.cli.semaphores", "SemaphoresCommand"),
     ("jvm gc", "apptrace.cli.jvm", "JvmGcCommand"),
+    ("ssl", "apptrace.cli.ssl", "SslCommand"),
 ]
 
 
@@ -67,11 +68,38 @@ def _selected(argv: Sequence[str]) -> list[type[Command]]:
     return [_load(m, c) for _w, m, c in REGISTRY]
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's formatter, sized without importing shutil.
+
+    argparse builds a formatter for every argument it adds and sizes it with
+    shutil.get_terminal_size(); importing shutil (with bz2 and lzma) is a
+    tenth of what `apptrace usdt list` costs. The width is only used when
+    help is printed: COLUMNS, else the terminal's, else 80, as shutil does.
+    """
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: Optional[int] = None) -> None:
+        if width is None:
+            width = _columns() - 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+def _columns() -> int:
+    try:
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80  # type: ignore[union-attr]
+    except (AttributeError, ValueError, OSError):  # no stdout, or not a terminal
+        return 80
+
+
 def build_parser(commands: Optional[Sequence[type[Command]]] = None) -> argparse.ArgumentParser:
     from apptrace import __version__
 
     parser = argparse.ArgumentParser(
-        prog="apptrace",
+        prog="apptrace", formatter_class=_HelpFormatter,
         description="Trace running programs with eBPF: USDT probes, uprobes, stacks.")
     parser.add_argument("--version", action="version", version=f"apptrace {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -81,14 +109,15 @@ def build_parser(commands: Optional[Sequence[type[Command]]] = None) -> argparse
         target = sub
         if len(words) == 2:
             if words[0] not in groups:
-                gp = sub.add_parser(words[0], help=f"{words[0]} commands")
+                gp = sub.add_parser(words[0], help=f"{words[0]} commands",
+                                    formatter_class=_HelpFormatter)
                 groups[words[0]] = gp.add_subparsers(dest="subcommand", metavar="SUBCOMMAND",
                                                      required=True)
             target = groups[words[0]]
         doc = (cls.__doc__ or "").strip()
         p = target.add_parser(words[-1], help=doc.splitlines()[0] if doc else None,
                               description=doc,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=_HelpFormatter)
         cmd = cls()
         cmd.prepare_parser(p)
         p.set_defaults(_command=cmd)

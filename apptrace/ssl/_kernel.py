@@ -113,6 +113,7 @@ struct call_t {
     u64 buf;
     u64 lenp;
     u64 sp;
+    u64 ra;
     u64 sk;
     s32 fd;
     s32 pending_fd;
@@ -268,9 +269,15 @@ static __always_inline int on_enter(struct pt_regs *ctx, u32 func)
 {
     u64 id = bpf_get_current_pid_tgid();
     u64 sp = PT_REGS_SP(ctx);
+    u64 ra = 0;
+    bpf_probe_read_user(&ra, sizeof(ra), (void *)sp);
     struct call_t *c = ssl_calls.lookup(&id);
-    if (c && c->depth > 0 && sp < c->sp) {
-        /* called from inside a TLS call we already hold: one call */
+    /* Called from inside a TLS call we already hold: one call. A deeper stack
+       is a nested call; the same stack pointer with another return address is
+       a tail call (gnutls_record_send jumps to gnutls_record_send2: its return
+       address is already the uretprobe trampoline). The same stack pointer and
+       return address is a new call after one whose return we never saw. */
+    if (c && c->depth > 0 && (sp < c->sp || (sp == c->sp && ra != c->ra))) {
         c->depth++;
         count(9, 1);
         return 0;
@@ -285,6 +292,7 @@ static __always_inline int on_enter(struct pt_regs *ctx, u32 func)
     n.buf = PT_REGS_PARM2(ctx);
     n.lenp = ((EX_MASK >> func) & 1) ? PT_REGS_PARM4(ctx) : 0;
     n.sp = sp;
+    n.ra = ra;
     n.fd = -1;
     n.pending_fd = -1;
     n.depth = 1;

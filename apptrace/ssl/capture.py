@@ -373,6 +373,11 @@ class Capture:
     def items(self, duration: Optional[float] = None) -> Iterator[Item]:
         """Yield items until the target exits (a path target: until :meth:`stop`),
         or for ``duration`` seconds."""
+        for batch in self.batches(duration):
+            yield from batch
+
+    def batches(self, duration: Optional[float] = None) -> Iterator[list[Item]]:
+        """Like :meth:`items`, one list per ring drain (a writer flushes after each)."""
         self.start()
         deadline = None if duration is None else time.monotonic() + duration
         while True:
@@ -385,14 +390,16 @@ class Capture:
                 break
             alive = self.target.alive()
             got = self.poll(0.1 if remaining is None else min(0.1, remaining))
-            yield from got
+            if got:
+                yield got
             if not alive and not got and self._drained():
                 time.sleep(0.01)  # the drain thread's last batch
                 if self._drained():
                     self.ended = "target exited"
                     break
-        yield from self.poll(0)
-        yield from self._finish()
+        last = self.poll(0) + self._finish()
+        if last:
+            yield last
 
     def stop(self) -> None:
         """End the iteration (from another thread, a signal handler or a callback)."""
