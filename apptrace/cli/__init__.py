@@ -40,6 +40,7 @@ REGISTRY: list[tuple[str, str, str]] = [
     ("doctor", "apptrace.cli.doctor", "DoctorCommand"),
     ("semaphores", "apptrace.cli.semaphores", "SemaphoresCommand"),
     ("jvm gc", "apptrace.cli.jvm", "JvmGcCommand"),
+    ("ssl", "apptrace.cli.ssl", "SslCommand"),
 ]
 
 
