@@ -31,7 +31,6 @@ import os
 import shutil
 import subprocess
 import time
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Optional
 
 from apptrace.errors import ApptraceError, SymbolizerError
@@ -189,7 +188,7 @@ class StackTracker:
             except SymbolizerError as err:
                 self.errors.append(str(err))
                 for i in idxs:
-                    out[i] = replace(events[i], stack=self._anchored(
+                    out[i] = events[i].replace(stack=self._anchored(
                         events[i].raw_stack or (), anchors[i] if anchors else None))
                 continue
             k = 0
@@ -201,10 +200,10 @@ class StackTracker:
                 if frames and frames[0].symbol is None and anchors:
                     # The probe's own address unknown: the snapshot predates this
                     # program (or is gone). Fall back to the probe's binary.
-                    out[i] = replace(events[i], stack=self._anchored(
+                    out[i] = events[i].replace(stack=self._anchored(
                         events[i].raw_stack or (), anchors[i]))
                     continue
-                out[i] = replace(events[i], stack=tuple(frames))
+                out[i] = events[i].replace(stack=tuple(frames))
         return out
 
     def _anchored(self, stack: tuple[int, ...],

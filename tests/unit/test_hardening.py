@@ -338,7 +338,7 @@ _BARE = {"ApptraceError", "ValueError", "RuntimeError", "TypeError", "OSError", 
 # format check; read_regular's OSError, which its callers turn into their error),
 # and a wrong keyword argument, a TypeError as in any Python call.
 _INTERNAL = {("apptrace/bpfobj.py", "ValueError"), ("apptrace/output.py", "OSError"),
-             ("apptrace/symbolize.py", "TypeError")}
+             ("apptrace/symbolize.py", "TypeError"), ("apptrace/events.py", "TypeError")}
 # Packages still being written under another issue (reported to the lead).
 _PENDING = ("apptrace/jvm/",)
 
