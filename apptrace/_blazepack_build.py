@@ -35,9 +35,10 @@ from apptrace.symbolize import _CDEF_TYPES  # noqa: E402
 PACK_CDEF = """
 size_t apptrace_frame_count(const struct blaze_syms *res);
 int apptrace_pack(const struct blaze_syms *res, const uint64_t *inputs, const uint8_t *adjust,
-                  size_t nframes, uint64_t *addrs, uint64_t *offsets, uint32_t *lines,
-                  uint32_t *where_ids, uint32_t *groups, const char **strs, uint8_t *kinds,
-                  uint32_t *paths, uint32_t *wheres, size_t *sizes);
+                  int singles_first, size_t nframes, uint64_t *addrs, uint64_t *offsets,
+                  uint32_t *lines, uint32_t *where_ids, uint64_t *keys, uint32_t *groups,
+                  const char **strs, uint8_t *kinds, uint32_t *paths, uint32_t *wheres,
+                  size_t *sizes);
 """
 
 PACK_C = r"""
@@ -53,6 +54,11 @@ PACK_C = r"""
 #define AT_PART 3   /* a directory or file name: joined into a path */
 
 struct at_ctx {
+    /* The previous string looked up per kind: a result repeats its module
+       and source file for address after address, so one strcmp usually
+       answers without hashing. */
+    const char *last[4];
+    uint32_t last_id[4];
     size_t mask;
     uint32_t *str_slots, *path_slots, *where_slots;  /* open addressing; 0 = empty */
     uint64_t *str_hash;
@@ -82,6 +88,8 @@ static uint32_t at_str(struct at_ctx *c, const char *s, uint8_t kind)
 
     if (s == NULL)
         return 0;
+    if (c->last[kind] != NULL && strcmp(c->last[kind], s) == 0)
+        return c->last_id[kind];
     for (p = (const unsigned char *)s; *p; p++)
         h = (h ^ *p) * 1099511628211ULL;
     for (i = at_mix(h) & c->mask;; i = (i + 1) & c->mask) {
@@ -89,14 +97,19 @@ static uint32_t at_str(struct at_ctx *c, const char *s, uint8_t kind)
         if (id == 0)
             break;
         if (c->str_hash[id] == h && c->kinds[id] == kind
-                && (c->strs[id] == s || strcmp(c->strs[id], s) == 0))
+                && (c->strs[id] == s || strcmp(c->strs[id], s) == 0)) {
+            c->last[kind] = s;
+            c->last_id[kind] = id;
             return id;
+        }
     }
     c->nstr++;
     c->strs[c->nstr] = s;
     c->kinds[c->nstr] = kind;
     c->str_hash[c->nstr] = h;
     c->str_slots[i] = (uint32_t)c->nstr;
+    c->last[kind] = s;
+    c->last_id[kind] = (uint32_t)c->nstr;
     return (uint32_t)c->nstr;
 }
 
@@ -154,20 +167,67 @@ size_t apptrace_frame_count(const struct blaze_syms *res)
     return n;
 }
 
-/* Fill per-frame columns (innermost first per address) and the tables they
-   index. inputs[] are the addresses blazesym was given; a frame reports
-   inputs[i] + adjust[i] (a return address looked up one byte early).
-   Capacities, from nframes = apptrace_frame_count(res): addrs, offsets,
-   lines and where_ids nframes, strs/kinds 4*nframes+1, paths 2*(nframes+1),
-   wheres 5*(nframes+1), groups res->cnt. sizes[] receives the number of
-   strings, paths and wheres. Returns 0, or -1 when out of memory. */
+struct at_out {
+    const uint64_t *inputs;
+    const uint8_t *adjust;
+    size_t nframes, k, g;
+    uint64_t *addrs, *offsets, *keys;
+    uint32_t *lines, *where_ids, *groups;
+};
+
+/* One address's frames, innermost first; its group size and key. */
+static void at_emit(struct at_ctx *c, struct at_out *o, const struct blaze_sym *s, size_t i)
+{
+    uint8_t adj = o->adjust != NULL ? o->adjust[i] : 0;
+    uint64_t addr = o->inputs[i] + adj;
+    uint32_t module, j, n = s->name != NULL ? (uint32_t)s->inlined_cnt + 1 : 1;
+
+    if (o->k + n > o->nframes)
+        return;
+    o->keys[o->g] = addr;
+    o->groups[o->g++] = n;
+    if (s->name == NULL) {
+        o->addrs[o->k] = addr;
+        o->offsets[o->k] = 0;
+        o->lines[o->k] = 0;
+        o->where_ids[o->k++] = at_where(c, 0, 0, 0, 0, s->reason);
+        return;
+    }
+    module = at_str(c, s->module, AT_MODULE);
+    for (j = n - 1; j-- > 0;) {  /* blazesym lists inlined calls outermost first */
+        const struct blaze_symbolize_inlined_fn *fn = &s->inlined[j];
+        o->addrs[o->k] = addr;
+        o->offsets[o->k] = 0;
+        o->lines[o->k] = fn->code_info.line;
+        o->where_ids[o->k++] = at_where(c, at_str(c, fn->name, AT_NAME),
+                                        at_path(c, &fn->code_info), module, 1, 0);
+    }
+    o->addrs[o->k] = addr;
+    o->offsets[o->k] = s->offset + adj;
+    o->lines[o->k] = s->code_info.line;
+    o->where_ids[o->k++] = at_where(c, at_str(c, s->name, AT_NAME),
+                                    at_path(c, &s->code_info), module, 0, 0);
+}
+
+/* Fill per-frame columns and the tables they index. inputs[] are the
+   addresses blazesym was given; a frame reports inputs[i] + adjust[i] (a
+   return address looked up one byte early). Groups (the frames of one
+   address) come in input order, or, with singles_first, every one-frame
+   group first and then the others (each in input order): keys[] says whose
+   group is where. Capacities, from nframes = apptrace_frame_count(res):
+   addrs, offsets, lines and where_ids nframes; keys and groups res->cnt;
+   strs/kinds 4*nframes+1; paths 2*(nframes+1); wheres 5*(nframes+1).
+   sizes[] receives the number of strings, paths, wheres and one-frame
+   groups. Returns 0, or -1 when out of memory. */
 int apptrace_pack(const struct blaze_syms *res, const uint64_t *inputs, const uint8_t *adjust,
-                  size_t nframes, uint64_t *addrs, uint64_t *offsets, uint32_t *lines,
-                  uint32_t *where_ids, uint32_t *groups, const char **strs, uint8_t *kinds,
-                  uint32_t *paths, uint32_t *wheres, size_t *sizes)
+                  int singles_first, size_t nframes, uint64_t *addrs, uint64_t *offsets,
+                  uint32_t *lines, uint32_t *where_ids, uint64_t *keys, uint32_t *groups,
+                  const char **strs, uint8_t *kinds, uint32_t *paths, uint32_t *wheres,
+                  size_t *sizes)
 {
     struct at_ctx c;
-    size_t slots = 16, i, k = 0;
+    struct at_out o;
+    size_t slots = 16, i, singles = 0;
 
     while (slots < 8 * (nframes + 1))
         slots <<= 1;
@@ -188,41 +248,34 @@ int apptrace_pack(const struct blaze_syms *res, const uint64_t *inputs, const ui
     c.kinds = kinds;
     c.paths = paths;
     c.wheres = wheres;
-    for (i = 0; i < res->cnt && k < nframes; i++) {
+    memset(&o, 0, sizeof o);
+    o.inputs = inputs;
+    o.adjust = adjust;
+    o.nframes = nframes;
+    o.addrs = addrs;
+    o.offsets = offsets;
+    o.keys = keys;
+    o.lines = lines;
+    o.where_ids = where_ids;
+    o.groups = groups;
+    for (i = 0; i < res->cnt; i++) {
         const struct blaze_sym *s = &res->syms[i];
-        uint8_t adj = adjust != NULL ? adjust[i] : 0;
-        uint64_t addr = inputs[i] + adj;
-        uint32_t module, j;
+        int single = s->name == NULL || s->inlined_cnt == 0;
 
-        if (s->name == NULL) {
-            addrs[k] = addr;
-            offsets[k] = 0;
-            lines[k] = 0;
-            where_ids[k++] = at_where(&c, 0, 0, 0, 0, s->reason);
-            groups[i] = 1;
-            continue;
-        }
-        module = at_str(&c, s->module, AT_MODULE);
-        for (j = (uint32_t)s->inlined_cnt; j-- > 0 && k < nframes;) {
-            const struct blaze_symbolize_inlined_fn *fn = &s->inlined[j];
-            addrs[k] = addr;
-            offsets[k] = 0;
-            lines[k] = fn->code_info.line;
-            where_ids[k++] = at_where(&c, at_str(&c, fn->name, AT_NAME),
-                                      at_path(&c, &fn->code_info), module, 1, 0);
-        }
-        if (k >= nframes)
-            break;
-        addrs[k] = addr;
-        offsets[k] = s->offset + adj;
-        lines[k] = s->code_info.line;
-        where_ids[k++] = at_where(&c, at_str(&c, s->name, AT_NAME), at_path(&c, &s->code_info),
-                                  module, 0, 0);
-        groups[i] = (uint32_t)s->inlined_cnt + 1;
+        singles += single;
+        if (!singles_first || single)
+            at_emit(&c, &o, s, i);
     }
+    if (singles_first)
+        for (i = 0; i < res->cnt; i++) {
+            const struct blaze_sym *s = &res->syms[i];
+            if (s->name != NULL && s->inlined_cnt != 0)
+                at_emit(&c, &o, s, i);
+        }
     sizes[0] = c.nstr;
     sizes[1] = c.npath;
     sizes[2] = c.nwhere;
+    sizes[3] = singles;
     free(c.str_slots);
     free(c.path_slots);
     free(c.where_slots);

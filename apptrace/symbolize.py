@@ -33,12 +33,15 @@ during C calls, so every call on one :class:`Symbolizer` holds its lock.
 
 from __future__ import annotations
 
+import array
+import contextlib
 import ctypes.util
+import gc
 import os
 import re
 import threading
-from collections.abc import Callable, Sequence
-from itertools import islice, repeat
+from collections.abc import Callable, Iterator, Sequence
+from itertools import chain, islice, repeat
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
@@ -443,6 +446,7 @@ class Symbolizer:
         self._code_info = code_info
         self._cached_pids: set[int] = set()
         self._ptr: Any = None
+        self._pool: Any = None
         self._auto_reload = auto_reload
         self._results: dict[tuple[Any, ...], dict[int, Frames]] = {}
         self._result_count = 0
@@ -473,6 +477,9 @@ class Symbolizer:
 
     def close(self) -> None:
         """Free blazesym's caches now rather than at garbage collection."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         with self._lock:
             if self._ptr is not None:
                 self._b.ffi.release(self._ptr)
@@ -522,8 +529,8 @@ class Symbolizer:
         still report the original address.
         """
         adjust = 1 if return_addresses else 0
-        return self._cached(("p", pid, adjust, perf_map), addrs, lambda uniq: self._process(
-            pid, uniq, [adjust] * len(uniq) if adjust else None, perf_map))
+        return self._cached(("p", pid, adjust, perf_map), addrs, lambda uniq, into: self._process(
+            pid, uniq, [adjust] * len(uniq) if adjust else None, perf_map, into))
 
     def symbolize_stack(self, pid: int, stack: Sequence[int], *,
                         perf_map: bool = True) -> list[StackFrame]:
@@ -545,20 +552,20 @@ class Symbolizer:
     def symbolize_elf(self, path: str, virt_offsets: Sequence[int]) -> list[Frames]:
         """Symbolize addresses in an ELF file's own address space (as ``nm``/``readelf`` show)."""
         return self._cached(("v", path), virt_offsets,
-                            lambda uniq: self._elf(path, uniq, file_offsets=False))
+                            lambda uniq, into: self._elf(path, uniq, into, file_offsets=False))
 
     def symbolize_elf_file_offsets(self, path: str,
                                    file_offsets: Sequence[int]) -> list[Frames]:
         """Symbolize file offsets into an ELF (what address normalization produces)."""
         return self._cached(("f", path), file_offsets,
-                            lambda uniq: self._elf(path, uniq, file_offsets=True))
+                            lambda uniq, into: self._elf(path, uniq, into, file_offsets=True))
 
     # -- internals
 
     CACHE_LIMIT = 1 << 20  # addresses remembered per symbolizer before starting over
 
     def _cached(self, key: tuple[Any, ...], addrs: Sequence[int],
-                run: Callable[[Sequence[int]], list[Frames]]
+                run: Callable[[Sequence[int], dict[int, Frames]], object]
                 ) -> list[Frames]:
         """Answer repeated addresses from memory; ask blazesym only for new ones.
 
@@ -576,9 +583,12 @@ class Symbolizer:
                     self._result_count = 0
                 known = self._results[key] = {}
         # Sorted: blazesym looks up ascending addresses about 30% faster.
-        missing = sorted(set(addrs).difference(known))
+        try:
+            missing = sorted(set(addrs).difference(known))
+        except TypeError as exc:
+            raise SymbolizerError(f"addresses must be integers in [0, 2**64): {exc}") from exc
         if missing:
-            known.update(zip(missing, run(missing)))
+            run(missing, known)
             with self._lock:
                 self._result_count += len(missing)
         return list(map(known.__getitem__, addrs))
@@ -607,7 +617,7 @@ class Symbolizer:
         return self._error(self._b.lib.blaze_err_last(), what)
 
     def _process(self, pid: int, addrs: Sequence[int], adjust: Optional[Sequence[int]],
-                 perf_map: bool) -> list[Frames]:
+                 perf_map: bool, into: Optional[dict[int, Frames]] = None) -> list[Frames]:
         if not addrs:
             return []
         b = self._b
@@ -617,24 +627,25 @@ class Symbolizer:
         src.debug_syms = self._code_info
         src.perf_map = perf_map
         src.no_map_files = self._map_files_unusable(pid)
-        lookup = [a - d for a, d in zip(addrs, adjust)] if adjust else addrs
-        arr = _addr_array(b, lookup)
-        what = f"symbolizing {len(lookup)} addresses of process {pid}"
-        with self._lock:
-            res = b.lib.blaze_symbolize_process_abs_addrs(self._live(), src, arr, len(lookup))
-            if res == b.null:
-                err = b.lib.blaze_err_last()
-                if err == _BLAZE_ERR_PERMISSION_DENIED and not src.no_map_files:
-                    # /proc/PID/map_files needs CAP_SYS_ADMIN (or
-                    # CAP_CHECKPOINT_RESTORE); the paths in /proc/PID/maps do not.
-                    src.no_map_files = True
-                    res = b.lib.blaze_symbolize_process_abs_addrs(self._live(), src, arr,
-                                                                  len(lookup))
-                    if res == b.null:
-                        err = b.lib.blaze_err_last()
+
+        def call(arr: Any, n: int) -> Any:
+            what = f"symbolizing {n} addresses of process {pid}"
+            with self._lock:
+                res = b.lib.blaze_symbolize_process_abs_addrs(self._live(), src, arr, n)
                 if res == b.null:
-                    raise self._error(err, what, pid)
-        return _convert(b, res, arr, addrs, adjust)
+                    err = b.lib.blaze_err_last()
+                    if err == _BLAZE_ERR_PERMISSION_DENIED and not src.no_map_files:
+                        # /proc/PID/map_files needs CAP_SYS_ADMIN (or
+                        # CAP_CHECKPOINT_RESTORE); the paths in /proc/PID/maps do not.
+                        src.no_map_files = True
+                        res = b.lib.blaze_symbolize_process_abs_addrs(self._live(), src, arr, n)
+                        if res == b.null:
+                            err = b.lib.blaze_err_last()
+                    if res == b.null:
+                        raise self._error(err, what, pid)
+            return res
+
+        return self._run(call, addrs, adjust, into)
 
     def _map_files_unusable(self, pid: int) -> bool:
         """True when blazesym must use the paths in maps instead of /proc/PID/map_files.
@@ -652,8 +663,8 @@ class Symbolizer:
                 return True
         return not _can_read_map_files()
 
-    def _elf(self, path: str, offsets: Sequence[int], *,
-             file_offsets: bool) -> list[Frames]:
+    def _elf(self, path: str, offsets: Sequence[int], into: Optional[dict[int, Frames]] = None,
+             *, file_offsets: bool) -> list[Frames]:
         if not offsets:
             return []
         b = self._b
@@ -662,34 +673,114 @@ class Symbolizer:
         src.type_size = b.src_elf_size
         src.path = cpath
         src.debug_syms = self._code_info
-        arr = _addr_array(b, offsets)
         fn = (b.lib.blaze_symbolize_elf_file_offsets if file_offsets
               else b.lib.blaze_symbolize_elf_virt_offsets)
-        with self._lock:
-            res = fn(self._live(), src, arr, len(offsets))
-            if res == b.null:
-                raise self._last_error(f"symbolizing {len(offsets)} addresses in {path}")
-        return _convert(b, res, arr, offsets, None)
 
+        def call(arr: Any, n: int) -> Any:
+            with self._lock:
+                res = fn(self._live(), src, arr, n)
+                if res == b.null:
+                    raise self._last_error(f"symbolizing {n} addresses in {path}")
+            return res
+
+        return self._run(call, offsets, None, into)
+
+    CHUNK = 4096  # addresses per blazesym call when a batch is pipelined
+
+    def _run(self, call: Callable[[Any, int], Any], addrs: Sequence[int],
+             adjust: Optional[Sequence[int]],
+             into: Optional[dict[int, Frames]] = None) -> list[Frames]:
+        """blazesym calls in chunks on a worker thread, each chunk's frames
+        built here while the next chunk is looked up.
+
+        A blazesym call does not hold the GIL, so on a second core the lookup
+        of one chunk and the Python work of the previous one overlap; calls
+        stay one at a time (the lock). Small batches are done in one call.
+        With ``into``, frames go in that dict (see :func:`_convert`).
+        """
+        b = self._b
+        if adjust is not None:
+            lookup: Sequence[int] = [a - d for a, d in zip(addrs, adjust)]
+        else:
+            lookup = addrs
+        step = self.CHUNK
+        if len(lookup) < 2 * step:
+            arr = _addr_array(b, lookup)
+            return _convert(b, call(arr, len(lookup)), arr, addrs, adjust, into)
+
+        def native(k: int) -> tuple[Any, Any]:
+            arr = _addr_array(b, lookup[k:k + step])
+            return call(arr, len(arr)), arr
+
+        out: list[Frames] = []
+        starts = range(0, len(lookup), step)
+        pending = self._worker().submit(native, 0)
+        try:
+            for i, k in enumerate(starts):
+                res, arr = pending.result()
+                pending = None
+                if i + 1 < len(starts):
+                    pending = self._worker().submit(native, starts[i + 1])
+                out.extend(_convert(b, res, arr, addrs[k:k + step],
+                                    adjust[k:k + step] if adjust is not None else None, into))
+        finally:
+            if pending is not None:  # an error: free what the worker still returns
+                try:
+                    b.lib.blaze_syms_free(pending.result()[0])
+                except SymbolizerError:
+                    pass
+        return out
+
+    def _worker(self) -> Any:
+        """The one thread that makes pipelined blazesym calls (made on first use)."""
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="apptrace-blazesym")
+        return self._pool
 
 def _dedup(addrs: Sequence[int],
-           run: Callable[[Sequence[int]], list[Frames]]) -> list[Frames]:
+           run: Callable[[Sequence[int], dict[int, Frames]], object]) -> list[Frames]:
     """Look each distinct address up once; sampled stacks repeat hot addresses a lot.
 
     Frames are immutable, so repeats share them.
     """
-    unique = sorted(set(addrs))  # ascending: faster in blazesym
-    by_addr = dict(zip(unique, run(unique)))
+    try:
+        unique = sorted(set(addrs))  # ascending: faster in blazesym
+    except TypeError as exc:
+        raise SymbolizerError(f"addresses must be integers in [0, 2**64): {exc}") from exc
+    by_addr: dict[int, Frames] = {}
+    run(unique, by_addr)
     return list(map(by_addr.__getitem__, addrs))
 
 
 def _addr_array(b: _Binding, addrs: Sequence[int]) -> Any:
-    if not isinstance(addrs, (list, tuple)):
-        addrs = list(addrs)
+    """A uint64_t[] for blazesym (an array.array fills it at C speed)."""
     try:
-        return b.ffi.new("uint64_t[]", addrs)
+        packed = array.array("Q", addrs)
     except (OverflowError, TypeError) as exc:
         raise SymbolizerError(f"addresses must be integers in [0, 2**64): {exc}") from exc
+    return b.ffi.from_buffer("uint64_t[]", packed)  # keeps `packed` alive
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Hold the cyclic garbage collector while a batch of frames is built.
+
+    Frames and their groups cannot form cycles, but each is a tracked
+    container: tens of thousands of them trigger dozens of collections (and
+    now and then a full one over every cached frame), a third of the cost of
+    building them. The collector is restored as it was, so one collection
+    covers the whole batch afterwards.
+    """
+    enabled = gc.isenabled()
+    if enabled:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 _map_files_ok: Optional[bool] = None
@@ -710,13 +801,19 @@ def _can_read_map_files() -> bool:
 
 
 def _convert(b: _Binding, res: Any, arr: Any, addrs: Sequence[int],
-             adjust: Optional[Sequence[int]]) -> list[Frames]:
+             adjust: Optional[Sequence[int]],
+             into: Optional[dict[int, Frames]] = None) -> list[Frames]:
     """Copy a blaze_syms result into Python objects, then free it. ``arr`` is
-    the address array blazesym was given, ``addrs`` what frames report."""
+    the address array blazesym was given, ``addrs`` what frames report. With
+    ``into``, each address's frames go in that dict instead (any order)."""
     try:
         if b.pack is not None:
-            return _unpack(b, res, arr, len(addrs), adjust)
-        return _copy_syms(b, res, addrs, adjust)
+            return _unpack(b, res, arr, len(addrs), adjust, into)
+        out = _copy_syms(b, res, addrs, adjust)
+        if into is None:
+            return out
+        into.update(zip(addrs, out))
+        return []
     finally:
         b.lib.blaze_syms_free(res)
 
@@ -725,8 +822,8 @@ _new_frame = tuple.__new__
 _NAME, _MODULE = 1, 2  # string kinds of the compiled reader
 
 
-def _unpack(b: _Binding, res: Any, arr: Any, cnt: int,
-            adjust: Optional[Sequence[int]]) -> list[Frames]:
+def _unpack(b: _Binding, res: Any, arr: Any, cnt: int, adjust: Optional[Sequence[int]],
+            into: Optional[dict[int, Frames]]) -> list[Frames]:
     """The fast path: the compiled helper flattens the result into columns
     and interned tables; Python builds frames with C-level loops (map/zip)."""
     pk = b.pack
@@ -740,16 +837,17 @@ def _unpack(b: _Binding, res: Any, arr: Any, cnt: int,
     lines = ffi.new("uint32_t[]", nf)
     where_ids = ffi.new("uint32_t[]", nf)
     groups = ffi.new("uint32_t[]", cnt)
+    keys = ffi.new("uint64_t[]", cnt)
     strs = ffi.new("const char *[]", 4 * nf + 1)
     kinds = ffi.new("uint8_t[]", 4 * nf + 1)
     paths = ffi.new("uint32_t[]", 2 * (nf + 1))
     wheres = ffi.new("uint32_t[]", 5 * (nf + 1))
-    sizes = ffi.new("size_t[3]")
+    sizes = ffi.new("size_t[4]")
     adj = ffi.new("uint8_t[]", bytes(adjust)) if adjust is not None else ffi.NULL
-    if lib.apptrace_pack(ptr, inputs, adj, nf, addrs, offsets, lines, where_ids, groups, strs,
-                         kinds, paths, wheres, sizes) != 0:
+    if lib.apptrace_pack(ptr, inputs, adj, into is not None, nf, addrs, offsets, lines,
+                         where_ids, keys, groups, strs, kinds, paths, wheres, sizes) != 0:
         raise SymbolizerError("out of memory while reading a blazesym result")
-    nstr, npath, nwhere = sizes[0], sizes[1], sizes[2]
+    nstr, npath, nwhere, singles = sizes[0], sizes[1], sizes[2], sizes[3]
 
     # The few distinct strings: names and modules decoded (and shared across
     # results), directory and file names kept as bytes to be joined.
@@ -784,9 +882,16 @@ def _unpack(b: _Binding, res: Any, arr: Any, cnt: int,
     frames = map(_new_frame, repeat(StackFrame), zip(
         ffi.unpack(addrs, nf), ffi.unpack(offsets, nf), ffi.unpack(lines, nf),
         map(where.__getitem__, ffi.unpack(where_ids, nf))))
-    if nf == cnt:
-        return list(zip(frames))
-    return list(map(tuple, map(islice, repeat(frames), ffi.unpack(groups, cnt))))
+    with _gc_paused():
+        if into is not None:  # one-frame groups first: zip makes them at C speed
+            into.update(zip(ffi.unpack(keys, cnt), chain(
+                zip(islice(frames, singles)),
+                map(tuple, map(islice, repeat(frames), ffi.unpack(groups + singles,
+                                                                  cnt - singles))))))
+            return []
+        if nf == cnt:
+            return list(zip(frames))
+        return list(map(tuple, map(islice, repeat(frames), ffi.unpack(groups, cnt))))
 
 
 def _copy_syms(b: _Binding, res: Any, addrs: Sequence[int],

@@ -409,15 +409,24 @@ def test_compiled_reader_and_abi_mode_give_the_same_frames(
         for start, size in symbols(prog).values():
             inputs.append((prog, list(range(start, start + max(size, 1)))))
     inputs.append((c_prog, [0, 1, 0x7FFF_FFFF_0000]))  # unknown: a reason each
-    got: dict[bool, list[object]] = {}
+    got: dict[tuple[bool, int], list[object]] = {}
     for compiled in (True, False):
-        monkeypatch.setattr(b, "pack", b.pack if compiled else None)
-        with Symbolizer() as s:
-            got[compiled] = [s.symbolize_elf(str(p), a) for p, a in inputs]
-            got[compiled].append(s.symbolize_stack(os.getpid(), [id(symbolize), id(b), 0, 1]))
-    monkeypatch.undo()
-    assert got[True] == got[False]
-    frames = [f for groups in got[True][:-1] for g in groups for f in g]  # type: ignore[attr-defined]
+        # A small chunk size: big batches are pipelined (a worker thread asks
+        # blazesym for the next chunk while this one is read).
+        for chunk in (Symbolizer.CHUNK, 8):
+            monkeypatch.setattr(b, "pack", b.pack if compiled else None)
+            monkeypatch.setattr(Symbolizer, "CHUNK", chunk)
+            with Symbolizer() as s:
+                got[compiled, chunk] = [s.symbolize_elf(str(p), a) for p, a in inputs]
+                got[compiled, chunk].append(
+                    s.symbolize_stack(os.getpid(), [id(symbolize), id(b), 0, 1]))
+                got[compiled, chunk].append(s.symbolize_process(
+                    os.getpid(), [id(symbolize), id(b), 1, 2] * 9, return_addresses=True))
+            monkeypatch.undo()
+    first = got[True, Symbolizer.CHUNK]
+    assert all(v == first for v in got.values())
+    got = {True: first}
+    frames = [f for groups in got[True][:-2] for g in groups for f in g]  # type: ignore[attr-defined]
     assert any(f.inlined for f in frames) and any(f.reason for f in frames)
     assert any(f.file and f.line for f in frames)
 
