@@ -217,7 +217,8 @@ def test_wrong_size_records_are_decode_errors_per_probe(fixtures_dir: Path, spaw
 
 def test_ring_reader_sorts_good_wrong_size_and_discarded_records(fixtures_dir: Path) -> None:
     """One program writes, per hit, a record of the reader's layout, one longer,
-    one shorter, one too short to name its probe, and one it discards."""
+    one shorter (exactly long enough to name its probe: 20 bytes), one too
+    short to name it, and one it discards. A bounded drain stops at its bound."""
     import subprocess
 
     from apptrace.bpf import Program
@@ -232,7 +233,7 @@ BPF_RINGBUF_OUTPUT(rb, {pages});
 BPF_ARRAY(hits, u64, 1);
 struct good {{ struct apptrace_hdr h; u64 v; }};
 struct longer {{ struct apptrace_hdr h; u64 v; u64 extra; }};
-struct shorter {{ u64 ts; u32 pid; u32 tid; u32 probe; }};
+struct shorter {{ u64 ts; u32 pid; u32 tid; u32 probe; }} __attribute__((packed));
 int emit(struct pt_regs *ctx) {{
     u32 zero = 0;
     u64 *n = hits.lookup(&zero);
@@ -266,7 +267,9 @@ int emit(struct pt_regs *ctx) {{
             out = subprocess.run([str(binary), str(n), "-", "burst"], capture_output=True,
                                  text=True, timeout=30)
             assert out.returncode == 0 and f"fired burst_a {n}" in out.stdout
-            recs: list[Any] = []
+            first = reader.drain(max_records=7)
+            assert [r[-1] for r in first] == list(range(7)) and reader.pending() > 0
+            recs: list[Any] = list(first)
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline and (len(recs) < n or reader.pending()):
                 recs += reader.drain()
