@@ -297,3 +297,24 @@ def test_cli_summary_names_decode_errors() -> None:
     assert "ring buffer full" not in text
     assert "  usdt:p:a: 5 (1 not decoded)\n" in text
     assert "  usdt:p:b: 0 (2 not decoded)\n" in text
+
+
+# -- uprobes through the table-driven reader ------------------------------------------------
+
+
+def test_uprobe_arguments_through_the_table_reader(fixtures_dir: Path, spawn: Any) -> None:
+    """Whole registers from the spec map (uprobe slots), and a slot that cannot
+    be read (a double in xmm0) reported unavailable, never a made-up value."""
+    binary = fixtures_dir / "uprobe_funcs_pie"
+    events, stats, printed = _trace(spawn, binary, [COUNT, "wait"], [
+        f"uprobe:{binary}:fx_add(long,int,short,char)",
+        f"uprobe:{binary}:fx_half(double)"], arg_tables=True)
+    adds = [tuple(int(v) for v in ln.split()[2:6]) for ln in printed
+            if ln.startswith("call fx_add ")]
+    assert len(adds) == COUNT
+    assert [ev.args for ev in events if ev.probe.name == "fx_add"] == adds
+    halves = [ev.args for ev in events if ev.probe.name == "fx_half"]
+    assert len(halves) == COUNT
+    assert all(len(a) == 1 and isinstance(a[0], Unavailable) for a in halves)
+    assert any(a[1] < 0 for a in adds) and any(a[3] < 0 for a in adds)
+    assert stats.lost == 0 and stats.decode_errors == 0
