@@ -9,6 +9,7 @@ is gone even if the number came back. Files a process maps are opened through
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 from typing import Optional
 
@@ -23,9 +24,19 @@ from apptrace.errors import (
 )
 
 __all__ = ["ProcessRef", "Mapping", "read_maps", "resolve_binary", "mapped_objects",
-           "proc_stat", "start_ticks", "check_executable"]
+           "proc_stat", "start_ticks", "check_executable", "TERMINATING_SIGNALS"]
 
 PF_KTHREAD = 0x00200000  # task flag of kernel threads (include/linux/sched.h)
+
+# Signals whose default action ends a process (SIGKILL and SIGSTOP aside, which
+# cannot be caught, and the synchronous faults). What apptrace must clean up
+# after: the CLI turns each into an orderly exit, procmem semaphore updates
+# hold them off for their few instructions.
+TERMINATING_SIGNALS: tuple[int, ...] = tuple(
+    getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1",
+                                 "SIGUSR2", "SIGALRM", "SIGXCPU", "SIGVTALRM", "SIGPROF",
+                                 "SIGPWR", "SIGIO", "SIGSTKFLT") if hasattr(signal, n)
+) + tuple(range(signal.SIGRTMIN, signal.SIGRTMAX + 1))
 
 
 def proc_stat(pid: int) -> list[str]:

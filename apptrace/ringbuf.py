@@ -118,8 +118,16 @@ class RingReader:
         self.decode_errors[probe] = self.decode_errors.get(probe, 0) + 1
 
     def close(self) -> None:
-        self._cons_q.release()
-        self._prod_q.release()
-        self._view.release()
-        self._prod.close()
-        self._cons.close()
+        # A drain cut short by a signal (the CLI raises there to end) may still
+        # hold a slice of the ring in a frame its exception keeps alive while
+        # the session closes: the mapping then goes when that view does.
+        for v in (self._cons_q, self._prod_q, self._view):
+            try:
+                v.release()
+            except BufferError:
+                pass
+        for m in (self._prod, self._cons):
+            try:
+                m.close()
+            except BufferError:
+                pass

@@ -8,7 +8,8 @@ in a mapping of the *same file* (device and inode) at the semaphore's file
 offset, otherwise we refuse rather than corrupt the target.
 
 What this mode raised must come down on every way out. A raise or a lower
-runs with SIGINT, SIGTERM and SIGHUP held, so a signal never lands between
+runs with SIGINT, SIGTERM, SIGHUP and the other terminating signals held, so
+a signal never lands between
 writing the counter and remembering it. Only SIGKILL can stop a tracer
 before it lowers: for that case each tracer keeps a small record of what it
 raised (in ``/run/apptrace`` as root, else ``$XDG_RUNTIME_DIR/apptrace``),
@@ -36,13 +37,12 @@ from apptrace.errors import (
     SemaphoreError,
     TracePermissionError,
 )
-from apptrace.procs import mapped_objects, read_maps, start_ticks
+from apptrace.procs import TERMINATING_SIGNALS, mapped_objects, read_maps, start_ticks
 
 __all__ = ["ProcMemSemaphores", "semaphore_address", "read_semaphore", "SemaphoreValue",
            "LeftRaised", "list_semaphores", "find_left_raised", "reset_left_raised",
            "state_dir"]
 
-_HELD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextlib.contextmanager
@@ -52,7 +52,7 @@ def _signals_held() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATING_SIGNALS)
     try:
         yield
     finally:

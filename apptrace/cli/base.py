@@ -38,9 +38,10 @@ def print_json(obj: Any, out: Optional[TextIO] = None) -> None:
 # -- ending: every way out but SIGKILL runs the cleanup ----------------------------------
 
 class SignalExit(BaseException):
-    """SIGTERM or SIGHUP, raised where the program is, so every ``finally`` (session
-    close: detach, lower procmem semaphores, stop a spawned command) runs.
-    A BaseException, like KeyboardInterrupt, so ``except Exception`` lets it by."""
+    """SIGTERM, SIGHUP or another terminating signal, raised where the program is,
+    so every ``finally`` (session close: detach, lower procmem semaphores, stop
+    a spawned command) runs. A BaseException, like KeyboardInterrupt, so
+    ``except Exception`` lets it by."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
@@ -80,18 +81,24 @@ def deferred_signals() -> Iterator[None]:
 
 
 def install_signal_handlers() -> Callable[[], None]:
-    """SIGINT, SIGTERM and SIGHUP unwind (see :class:`SignalExit`); SIGPIPE is
+    """SIGINT, SIGTERM, SIGHUP and every other signal that would end the process
+    (SIGQUIT, SIGUSR1, SIGALRM, ...) unwind (see :class:`SignalExit`); SIGPIPE is
     ignored, so a closed pipe is an EPIPE the CLI handles after cleaning up
     rather than a death that leaves semaphores raised and a command running.
     Returns a function that puts the previous handlers back."""
+    from apptrace.procs import TERMINATING_SIGNALS
+
     _Ending.ending, _Ending.depth, _Ending.deferred = False, 0, None
     saved: dict[int, Any] = {}
-    for sig, handler in ((signal.SIGINT, _on_signal), (signal.SIGTERM, _on_signal),
-                         (signal.SIGHUP, _on_signal), (signal.SIGPIPE, signal.SIG_IGN)):
+    wanted: list[tuple[int, Any]] = [(sig, _on_signal) for sig in TERMINATING_SIGNALS]
+    for sig, handler in [*wanted, (signal.SIGPIPE, signal.SIG_IGN)]:
         try:
-            saved[sig] = signal.signal(sig, handler)
-        except (ValueError, OSError):  # not the main thread: leave signals alone
+            old = signal.signal(sig, handler)
+        except ValueError:  # not the main thread: leave signals alone
             break
+        except OSError:
+            continue
+        saved[sig] = old
 
     def restore() -> None:
         for sig, old in saved.items():

@@ -2,6 +2,7 @@
 
 The matrix: SIGINT, SIGTERM, SIGHUP, and a reader that closes the pipe
 (SIGPIPE/EPIPE, as ``apptrace trace ... | head -2`` does) x kernel/procmem
+(and SIGQUIT, SIGUSR1, SIGALRM: any signal that would end the process)
 semaphores x a running process (-p) / a spawned command (-- CMD). Each case
 runs the real CLI against usdt_sema (probes behind semaphores), checks the
 semaphores are raised in the target's memory while attached, ends apptrace
@@ -112,15 +113,15 @@ def end(tracer: subprocess.Popen[bytes], how: str, fire: Any) -> tuple[int, str]
 def check_ended(status: int, err: str, how: str) -> None:
     assert "Traceback" not in err, err
     assert status >= 0, f"apptrace was killed by signal {-status} after {how}: {err}"
-    if how == "SIGHUP":
-        assert status == 128 + signal.SIGHUP
+    if how in ("SIGHUP", "SIGQUIT", "SIGUSR1", "SIGALRM"):
+        assert status == 128 + getattr(signal, how)
     if how == "SIGPIPE":
         assert status == 128 + signal.SIGPIPE
         assert "Broken pipe" not in err and "Exception ignored" not in err, err
 
 
 @pytest.mark.parametrize("mode", ["kernel", "procmem"])
-@pytest.mark.parametrize("how", ENDINGS)
+@pytest.mark.parametrize("how", [*ENDINGS, "SIGQUIT", "SIGUSR1", "SIGALRM"])
 def test_pid_target_semaphores_down_however_apptrace_ends(fixtures_dir: Path, tmp_path: Path,
                                                           spawn: Any, how: str,
                                                           mode: str) -> None:
