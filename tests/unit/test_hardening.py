@@ -339,8 +339,9 @@ _BARE = {"ApptraceError", "ValueError", "RuntimeError", "TypeError", "OSError", 
 # and a wrong keyword argument, a TypeError as in any Python call.
 _INTERNAL = {("apptrace/bpfobj.py", "ValueError"), ("apptrace/output.py", "OSError"),
              ("apptrace/symbolize.py", "TypeError"), ("apptrace/events.py", "TypeError")}
-# Packages still being written under another issue (reported to the lead).
-_PENDING = ("apptrace/jvm/",)
+# Packages written under other issues that still raise bare errors (reported to
+# the lead; remove each from here once its raises use apptrace.errors classes).
+_PENDING = ("apptrace/jvm/", "apptrace/ssl/")
 
 
 def test_no_bare_errors_escape_the_api() -> None:

@@ -81,11 +81,10 @@ class _Captured(Exception):
         self.text = text
 
 
-class _CapturingProgram:
-    """Stands where the compiler would be: records the C and stops the session."""
-
-    def __init__(self, text: str) -> None:
-        raise _Captured(text)
+def _capture(self: Any, text: str, *args: Any, **kw: Any) -> None:
+    """Stands where the compiler would be (``Program.__init__``, however the engine
+    imported the class): records the C and stops the session."""
+    raise _Captured(text)
 
 
 def _symbols(hostile: bool) -> list[Symbol]:
@@ -113,7 +112,7 @@ def _binary(sites: list[tuple[int, int, list[int]]], hostile: bool, tag: str) ->
 
 
 def _generated_c(path: str, specs: list[str], monkeypatch: Any, **kw: Any) -> str:
-    monkeypatch.setattr(apptrace.bpf, "Program", _CapturingProgram)
+    monkeypatch.setattr(apptrace.bpf.Program, "__init__", _capture)
     monkeypatch.setattr(capabilities, "has_trace_privileges", lambda: True)
     s = Session(path=path, **kw)
     for spec in specs:
@@ -121,11 +120,20 @@ def _generated_c(path: str, specs: list[str], monkeypatch: Any, **kw: Any) -> st
     with pytest.raises(_Captured) as info:
         s.start()
     # Table-driven groups send the same specs as map values: numbers that must pack.
-    for g in getattr(s, "_groups", []):
-        for reads, vaddr in g.reader_plans:
-            for row in table_row(reads, vaddr):
-                struct.pack("<BBBBHHqQ", *row)
+    for reads, vaddr in _reader_plans(s):
+        for row in table_row(reads, vaddr):
+            struct.pack("<BBBBHHqQ", *row)
     return info.value.text
+
+
+def _reader_plans(s: Session) -> list[Any]:
+    """Every group's (reads, site vaddr) readers, wherever the engine keeps groups."""
+    found = []
+    for holder in (s, getattr(s, "_engine", None), getattr(s, "_plan", None)):
+        for g in getattr(holder, "_groups", None) or getattr(holder, "groups", None) or []:
+            found.extend(getattr(g, "reader_plans", []))
+    assert found, "no argument readers found: the test no longer sees the plan"
+    return found
 
 
 _LITERAL = re.compile(r"(?<![\w.])(-?\d+)(ULL|LL|u)?\b")
