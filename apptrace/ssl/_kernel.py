@@ -101,6 +101,8 @@ _C = r"""
 #define FL_SKIP 4
 #define FL_FIRST 8
 #define FL_LAST 16
+/* The reader polls on a timer: no wake-up (an irq_work on the traced CPU) per record. */
+#define SUBMIT_FLAGS BPF_RB_NO_WAKEUP
 
 #define WRITE_MASK @WRITE_MASK@
 #define EX_MASK @EX_MASK@
@@ -341,7 +343,7 @@ int ssl_chunk(void *index)
         h->len = 0;
         count(5, len);
     }
-    ssl_rb.ringbuf_submit(h, 0);
+    ssl_rb.ringbuf_submit(h, SUBMIT_FLAGS);
     count(2, 1);
     return 0;
 }
@@ -376,7 +378,7 @@ static __always_inline void emit_conn(struct conn_t *cn, u64 conn, u64 id, u8 wh
         }
     }
     bpf_get_current_comm(r->comm, sizeof(r->comm));
-    ssl_rb.ringbuf_submit(r, 0);
+    ssl_rb.ringbuf_submit(r, SUBMIT_FLAGS);
 }
 
 static __always_inline void emit_close(struct conn_t *cn, u64 conn, u64 id)
@@ -397,7 +399,7 @@ static __always_inline void emit_close(struct conn_t *cn, u64 conn, u64 id)
     r->conn = conn;
     r->off_read = cn->off[0];
     r->off_write = cn->off[1];
-    ssl_rb.ringbuf_submit(r, 0);
+    ssl_rb.ringbuf_submit(r, SUBMIT_FLAGS);
 }
 
 int ssl_return(struct pt_regs *ctx)
@@ -515,7 +517,7 @@ int ssl_return(struct pt_regs *ctx)
         h->call_off = cap;
         h->span = n - cap;
         __builtin_memcpy(h->comm, lc.comm, 16);
-        ssl_rb.ringbuf_submit(h, 0);
+        ssl_rb.ringbuf_submit(h, SUBMIT_FLAGS);
     }
     return 0;
 }
@@ -674,6 +676,10 @@ def render(ring_pages: int) -> str:
     """The C text for a ring of ``ring_pages`` pages (a power of two)."""
     entries = "\n".join(f"int ssl_enter_{f.id}(struct pt_regs *ctx) {{ return on_enter(ctx, {f.id}); }}"
                         for f in FUNCS)
+    # With uprobe_multi links one program serves every data function: the
+    # function's id is the attach cookie.
+    entries += ("\nint ssl_enter(struct pt_regs *ctx)"
+                " { return on_enter(ctx, (u32)bpf_get_attach_cookie(ctx) & 15); }")
     text = _C
     for key, value in (("@CHUNK@", str(CHUNK)), ("@PAGES@", str(ring_pages)),
                        ("@NSTATS@", str(len(STAT_NAMES))),

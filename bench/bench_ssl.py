@@ -1,0 +1,186 @@
+#!/usr/bin/env python3
+"""TLS capture cost: loopback TLS throughput untraced vs captured, in one run.
+
+The OpenSSL fixture client (fixtures/c/out/tls_openssl) sends large buffers
+to the fixture server, which answers with as many bytes; throughput is all
+plaintext bytes moved (both directions) over the client's wall time from
+release to exit. Runs alternate untraced / captured. A captured run is
+checked byte-exact while it runs: every chunk must continue its connection
+direction's stream at the right offset, and the sha256 of each direction
+must equal what the client printed; lost bytes (ring buffer full) are
+counted and reported, never hidden.
+
+Goal (issue 11): at most 10 % throughput cost and zero loss at the highest
+rate this machine reaches.
+
+Usage: python bench/bench_ssl.py [--quick] [--json]
+``run(quick)`` returns the results as a dict for bench/run.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+OUT = REPO / "fixtures" / "c" / "out"
+GOAL_COST_PCT = 10.0
+
+
+def _totals(text: str) -> dict[str, tuple[int, str]]:
+    out = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] in ("sent", "recv"):
+            out[parts[0]] = (int(parts[1]), parts[2])
+    return out
+
+
+def _server() -> tuple[subprocess.Popen[str], int]:
+    p = subprocess.Popen([str(OUT / "tls_openssl"), "server", "0", str(OUT / "tls_cert.pem"),
+                          str(OUT / "tls_key.pem")], stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    return p, int(p.stdout.readline().split()[1])
+
+
+def _client(port: int, sizes: str) -> subprocess.Popen[str]:
+    p = subprocess.Popen([str(OUT / "tls_openssl"), "client", str(port), sizes, "wait=connect"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    return p
+
+
+def _go(p: subprocess.Popen[str]) -> float:
+    assert p.stdin is not None
+    t0 = time.monotonic()
+    p.stdin.write("\n")
+    p.stdin.flush()
+    return t0
+
+
+def one_run(sizes: str, traced: bool, ring_mb: int = 32) -> dict[str, Any]:
+    """One transfer; with ``traced``, captured and verified as it goes."""
+    srv, port = _server()
+    cli = _client(port, sizes)
+    result: dict[str, Any] = {"traced": traced}
+    try:
+        if not traced:
+            t0 = _go(cli)
+            out, _ = cli.communicate(timeout=600)
+            secs = time.monotonic() - t0
+        else:
+            import apptrace.ssl
+            from apptrace.ssl import Chunk, Gap
+
+            hashes = {"read": hashlib.sha256(), "write": hashlib.sha256()}
+            nxt = {"read": 0, "write": 0}
+            order_ok = True
+            gaps = 0
+            with apptrace.ssl.capture(pid=cli.pid, ring_mb=ring_mb) as cap:
+                t0 = _go(cli)
+                secs: Optional[float] = None
+                for batch in cap.batches():
+                    for it in batch:
+                        if isinstance(it, Gap):
+                            gaps += 1
+                            nxt[it.direction] = it.end
+                            continue
+                        if isinstance(it, Chunk) and not it.peek:
+                            if it.offset != nxt[it.direction]:
+                                order_ok = False
+                            nxt[it.direction] = it.end
+                            hashes[it.direction].update(it.data)
+                    if secs is None and cli.poll() is not None:
+                        secs = time.monotonic() - t0
+                out, _ = cli.communicate(timeout=600)
+                if secs is None:
+                    secs = time.monotonic() - t0
+                st = cap.stats()
+            mine = _totals(out)
+            exact = (order_ok and gaps == 0
+                     and (nxt["write"], hashes["write"].hexdigest()) == mine["sent"]
+                     and (nxt["read"], hashes["read"].hexdigest()) == mine["recv"])
+            result.update(exact=exact, lost_bytes=st.lost_bytes, lost_records=st.lost_records,
+                          gaps=gaps, calls=st.calls, captured_bytes=st.bytes)
+        mine = _totals(out)
+        total = mine["sent"][0] + mine["recv"][0]
+        result.update(seconds=secs, bytes=total, mb_per_s=total / secs / 1e6)
+        srv.communicate(timeout=60)
+    finally:
+        for p in (cli, srv):
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    return result
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    if not (OUT / "tls_openssl").exists():
+        subprocess.run(["make", "-s", "-C", str(REPO / "fixtures" / "c")], check=True)
+    # Bulk transfer in 1 MiB TLS calls (the ring must hold the largest single
+    # call; a bigger one needs a bigger --ring-mb).
+    sizes = ",".join(["1m"] * (32 if quick else 64))
+    reps = 1 if quick else 5  # interleaved: the machine's other load hits both alike
+    one_run("1m", True)  # compile cache warm; not measured
+    runs: list[dict[str, Any]] = []
+    for _ in range(reps):
+        runs.append(one_run(sizes, False))
+        runs.append(one_run(sizes, True))
+    plain = [r["mb_per_s"] for r in runs if not r["traced"]]
+    traced = [r for r in runs if r["traced"]]
+    untraced = statistics.median(plain)
+    captured = statistics.median(r["mb_per_s"] for r in traced)
+    cost = (1 - captured / untraced) * 100
+    lost = sum(r["lost_bytes"] for r in traced)
+    exact = all(r["exact"] for r in traced)
+    return {
+        "transfer": sizes, "runs": runs, "load_average": os.getloadavg(),
+        "untraced_mb_per_s": round(untraced, 1), "captured_mb_per_s": round(captured, 1),
+        "cost_pct": round(cost, 1), "lost_bytes": lost,
+        "lost_records": sum(r["lost_records"] for r in traced),
+        "byte_exact": exact,
+        "goal": f"cost <= {GOAL_COST_PCT:.0f}% and zero loss",
+        "goal_met": cost <= GOAL_COST_PCT and lost == 0 and exact,
+    }
+
+
+def format_table(res: dict[str, Any]) -> str:
+    lines = [f"TLS over loopback, OpenSSL fixture, {res['transfer'].count(',') + 1} x"
+             f" {res['transfer'].split(',')[0]} each way:",
+             f"  untraced            {res['untraced_mb_per_s']:8.1f} MB/s",
+             f"  captured, verified  {res['captured_mb_per_s']:8.1f} MB/s"
+             f"   cost {res['cost_pct']:.1f}%",
+             f"  lost: {res['lost_bytes']} bytes in {res['lost_records']} records;"
+             f" byte-exact: {res['byte_exact']}",
+             f"  goal ({res['goal']}): {'met' if res['goal_met'] else 'NOT met'}",
+             "  load average during the run: "
+             + " ".join(f"{x:.2f}" for x in res["load_average"])]
+    for r in res["runs"]:
+        kind = "captured" if r["traced"] else "untraced"
+        lines.append(f"    {kind:9} {r['mb_per_s']:8.1f} MB/s  {r['seconds']:.2f}s")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    res = run(args.quick)
+    print(json.dumps(res, indent=2) if args.json else format_table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
