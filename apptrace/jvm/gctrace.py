@@ -212,6 +212,7 @@ class _Attachment:
         self.ring: Optional[RingReader] = None
         self._fds: dict[str, int] = {}
         self.pids: list[int] = []
+        self._read = 0
         try:
             specs = self.prog.map("specs")
             for cookie, (_key, _si, value) in enumerate(self.rows):
@@ -256,6 +257,34 @@ class _Attachment:
                                           s.semaphore_offset, False, label)
         self.pids.append(pid)
 
+    def consumed(self, n: int) -> None:
+        """Tell the kernel how many records were read: it wakes the reader
+        only when half the ring is waiting."""
+        self._read += n
+        try:
+            self.prog.map("progress").update((1).to_bytes(4, "little"),
+                                             self._read.to_bytes(8, "little"))
+        except ApptraceError:
+            pass
+
+    def run_stats(self) -> tuple[int, int]:
+        """(runs, nanoseconds) of this attachment's BPF programs, from the
+        kernel's per-program statistics (counted only while BPF_ENABLE_STATS
+        or kernel.bpf_stats_enabled is on; otherwise zeros)."""
+        runs = ns = 0
+        for fd in set(self._fds.values()):
+            try:
+                with open(f"/proc/self/fdinfo/{fd}") as f:
+                    for line in f:
+                        key, _, value = line.partition(":")
+                        if key == "run_cnt":
+                            runs += int(value)
+                        elif key == "run_time_ns":
+                            ns += int(value)
+            except (OSError, ValueError):
+                continue
+        return runs, ns
+
     def counters(self) -> dict[str, int]:
         m = self.prog.map("cnt")
         return {name: m.sum_u64(i.to_bytes(4, "little"))
@@ -280,6 +309,7 @@ class GcTracer:
     """
 
     RESCAN_SECONDS = 2.0
+    POLL_SECONDS = 0.05
 
     def __init__(self, *, pid: Optional[int] = None, name: Optional[str] = None,
                  all_jvms: bool = False, command: Optional[Sequence[str]] = None,
@@ -539,16 +569,28 @@ class GcTracer:
         assert self._epoll is not None
         rings = [a.ring for a in self._attached.values() if a.ring is not None]
         if timeout is None or timeout > 0:
-            if not any(r.pending() for r in rings):
-                wait = timeout if timeout is not None else -1
-                if self.all_jvms:
-                    wait = min(wait if wait >= 0 else self.RESCAN_SECONDS, self.RESCAN_SECONDS)
-                self._epoll.poll(wait)
+            now = time.monotonic()
+            deadline = None if timeout is None else now + timeout
+            if self.all_jvms:
+                deadline = min(deadline or now + self.RESCAN_SECONDS, now + self.RESCAN_SECONDS)
+            # Records arrive without a wakeup (see bpfgen: a wakeup inside the
+            # pause would lengthen it): look every POLL_SECONDS; a ring half
+            # full still wakes us through the epoll.
+            while not any(r.pending() for r in rings):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._epoll.poll(self.POLL_SECONDS if left is None
+                                 else min(left, self.POLL_SECONDS))
         out: list[GcEvent] = []
         for att in list(self._attached.values()):
             if att.ring is None:
                 continue
-            for rec in att.ring.drain():
+            records = att.ring.drain()
+            if not records:
+                continue
+            att.consumed(len(records))
+            for rec in records:
                 ev = self._decode(att, rec)
                 if ev is not None:
                     out.append(ev)
@@ -685,6 +727,16 @@ class GcTracer:
                     att.ring.decode_errors.values())
         out["started_before_trace"] = self.dropped_partial
         return out
+
+    def run_stats(self) -> tuple[int, int]:
+        """Probe hits handled and kernel time spent in them, (runs, ns), summed
+        over the programs; zeros unless the kernel's BPF statistics are on."""
+        runs = ns = 0
+        for att in self._attached.values():
+            r, n = att.run_stats()
+            runs += r
+            ns += n
+        return runs, ns
 
     @property
     def lost(self) -> int:
