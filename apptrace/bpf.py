@@ -38,8 +38,6 @@ from apptrace.bpfobj import (
     unbind,
 )
 from apptrace.capabilities import BPF_LINK_CREATE, BPF_TRACE_UPROBE_MULTI, bpf
-
-BPF_RAW_TRACEPOINT_OPEN = 17
 from apptrace.errors import (
     ApptraceError,
     AttachError,
@@ -48,6 +46,8 @@ from apptrace.errors import (
     SemaphoreConflictError,
     TracePermissionError,
 )
+
+BPF_RAW_TRACEPOINT_OPEN = 17
 
 __all__ = ["import_bcc", "Program", "compile_c", "self_test", "attach_uprobe_perf",
            "attach_uprobe_multi"]
