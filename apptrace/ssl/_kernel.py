@@ -674,8 +674,8 @@ def _ladder() -> str:
 
 def render(ring_pages: int) -> str:
     """The C text for a ring of ``ring_pages`` pages (a power of two)."""
-    entries = "\n".join(f"int ssl_enter_{f.id}(struct pt_regs *ctx) {{ return on_enter(ctx, {f.id}); }}"
-                        for f in FUNCS)
+    entries = "\n".join(f"int ssl_enter_{f.id}(struct pt_regs *ctx)"
+                        f" {{ return on_enter(ctx, {f.id}); }}" for f in FUNCS)
     # With uprobe_multi links one program serves every data function: the
     # function's id is the attach cookie.
     entries += ("\nint ssl_enter(struct pt_regs *ctx)"

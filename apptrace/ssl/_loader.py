@@ -131,9 +131,10 @@ class Loader:
         linked = 0
         for i in range(count - 1):
             op, regs, _off, imm = struct.unpack_from("<BBhi", code, i * 8)
-            if op == _LD_IMM64 and imm == lo and struct.unpack_from("<i", code, i * 8 + 12)[0] == hi:
-                struct.pack_into("<BBhi", code, i * 8, _LD_IMM64, (_PSEUDO_FUNC << 4) | (regs & 0xF),
-                                 0, count - i - 1)
+            second = struct.unpack_from("<i", code, i * 8 + 12)[0]
+            if op == _LD_IMM64 and imm == lo and second == hi:
+                struct.pack_into("<BBhi", code, i * 8, _LD_IMM64,
+                                 (_PSEUDO_FUNC << 4) | (regs & 0xF), 0, count - i - 1)
                 struct.pack_into("<i", code, i * 8 + 12, 0)
                 linked += 1
         if not linked:
@@ -215,10 +216,11 @@ class Loader:
         struct.pack_into("<I", attr, 48, 1)  # wakeup_events
         fd = _libc.syscall(_SYS_PERF_EVENT_OPEN, attr, -1, 0, -1, _PERF_FLAG_FD_CLOEXEC)
         if fd < 0:
-            err = ctypes.get_errno()
-            if err in (_errno.EPERM, _errno.EACCES):
+            code = ctypes.get_errno()
+            if code in (_errno.EPERM, _errno.EACCES):
                 raise TracePermissionError(f"cannot open tracepoint {category}:{event}")
-            raise ApptraceError(f"cannot open tracepoint {category}:{event}: {os.strerror(err)}")
+            raise ApptraceError(f"cannot open tracepoint {category}:{event}:"
+                                f" {os.strerror(code)}")
         self._fds.append(fd)
         try:
             fcntl.ioctl(fd, _PERF_EVENT_IOC_SET_BPF, prog_fd)

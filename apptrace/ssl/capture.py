@@ -522,9 +522,9 @@ class Capture:
                 self._all_conns[st.conn.id] = st.conn
             elif kind == CLOSE:
                 (_, _lib, _p0, _p1, pid, _tid, _p2, ts, handle, off_r, off_w) = r
-                st = self._conns.pop((pid, handle), None)
-                if st is not None:
-                    out.extend(self._tail_gaps(st, (off_r, off_w), ts))
+                gone = self._conns.pop((pid, handle), None)
+                if gone is not None:
+                    out.extend(self._tail_gaps(gone, (off_r, off_w), ts))
         return out
 
     # -- results ------------------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import stat
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from helpers import require_program
 
 import apptrace.ssl
 from apptrace.errors import NoTlsLibraryError, ProcessNotFoundError, StrippedTlsError
-from apptrace.ssl import Chunk, Gap, reassemble
+from apptrace.ssl import Chunk, Gap
 
 pytestmark = pytest.mark.bpf
 
@@ -504,10 +503,10 @@ def test_pcapng_replays_the_streams(tmp_path: Path, fixtures_dir: Path, servers:
     assert cli.returncode == 0, err
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
     mine, peer = _totals(stdout), srv.totals()
+    import hashlib
+
     from scapy.layers.inet import IP, TCP
     from scapy.utils import rdpcap
-
-    import hashlib
 
     streams: dict[str, dict[int, bytes]] = {"write": {}, "read": {}}
     for pkt in rdpcap(str(out)):
