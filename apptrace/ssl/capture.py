@@ -117,6 +117,7 @@ class Capture:
         self._ring: Any = None
         self._prog_fds: dict[tuple[str, bool], int] = {}
         self._attached: set[tuple[int, int]] = set()
+        self._inspected: set[tuple[int, int]] = set()  # files looked at for TLS
         self._multi = capabilities.has_uprobe_multi()
         self._queue: collections.deque[list[tuple[Any, ...]]] = collections.deque()
         self._queued_bytes = 0
@@ -153,7 +154,7 @@ class Capture:
     def _find_libraries(self) -> list[TlsLibrary]:
         t = self.target
         if t.process is not None:
-            libs, objects = _libs.libraries_of_pid(t.process.pid)
+            libs, objects = _libs.libraries_of_pid(t.process.pid, self._inspected)
             self.searched = objects
             if libs:
                 return libs
@@ -189,7 +190,7 @@ class Capture:
         assert held is not None
         files = [held.exe, *_libs.needed_libraries(held.exe), *_libs.system_libraries()]
         self.searched = files
-        libs = _libs.libraries_of_files([(f, f) for f in files])
+        libs = _libs.libraries_of_files([(f, f) for f in files], self._inspected)
         if libs:
             return libs
         what = _libs.openssl_without_symbols(held.exe)
@@ -280,6 +281,7 @@ class Capture:
                 for off in offsets:
                     self._program.attach_perf(fd, lib.open_path, off, pid, 0, ret, label)
         self._attached.add(lib.file_id)
+        self._inspected.add(lib.file_id)
         self.libraries.append(lib)
 
     def _attach_tracepoints(self) -> None:
@@ -306,7 +308,7 @@ class Capture:
         if pid < 0 or not self.target.alive():
             return
         try:
-            libs, _ = _libs.libraries_of_pid(pid)
+            libs, _ = _libs.libraries_of_pid(pid, self._inspected)
         except ApptraceError:
             return
         for lib in libs:
@@ -355,7 +357,12 @@ class Capture:
         if self._state != "running":
             return []
         with self._cond:
-            if not self._queue and timeout != 0:
+            if timeout is None:
+                # until something arrives, the target is gone or stop() is called
+                while not self._queue and not self._stopping.is_set() and \
+                        self.target.alive():
+                    self._cond.wait(0.1)
+            elif not self._queue and timeout > 0:
                 self._cond.wait(timeout)
             batches = list(self._queue)
             self._queue.clear()

@@ -198,10 +198,14 @@ def _finish_nss(libs: list[TlsLibrary]) -> list[TlsLibrary]:
     return [lib for lib in libs if lib.kind not in ("nss", "nss-ssl")]
 
 
-def libraries_of_files(files: Iterable[tuple[str, str]]) -> list[TlsLibrary]:
-    """TLS libraries among (shown path, path to open) pairs, one per file."""
+def libraries_of_files(files: Iterable[tuple[str, str]],
+                       skip: Optional[set[tuple[int, int]]] = None) -> list[TlsLibrary]:
+    """TLS libraries among (shown path, path to open) pairs, one per file.
+
+    ``skip``: (st_dev, st_ino) of files already looked at; every file looked
+    at here is added to it (a rescan then reads only new files)."""
     out: list[TlsLibrary] = []
-    seen: set[tuple[int, int]] = set()
+    seen: set[tuple[int, int]] = skip if skip is not None else set()
     for shown, real in files:
         try:
             fid = _file_id(real)
@@ -211,13 +215,18 @@ def libraries_of_files(files: Iterable[tuple[str, str]]) -> list[TlsLibrary]:
             continue
         seen.add(fid)
         out.extend(inspect_file(real, shown))
-    return _finish_nss(out)
+    kept = _finish_nss(out)
+    for lib in out:
+        if lib not in kept:
+            seen.discard(lib.file_id)  # half of NSS: look again once the other half is there
+    return kept
 
 
-def libraries_of_pid(pid: int) -> tuple[list[TlsLibrary], list[str]]:
+def libraries_of_pid(pid: int, skip: Optional[set[tuple[int, int]]] = None
+                     ) -> tuple[list[TlsLibrary], list[str]]:
     """(TLS libraries mapped by PID, every object looked at)."""
     objects = mapped_objects(pid)
-    return libraries_of_files(objects), [shown for shown, _ in objects]
+    return libraries_of_files(objects, skip), [shown for shown, _ in objects]
 
 
 def needed_libraries(path: str) -> list[str]:

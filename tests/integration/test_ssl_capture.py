@@ -550,3 +550,39 @@ def test_text_and_hex_formats(fixtures_dir: Path, servers: Any) -> None:
             assert "  00000000  00 00 00 00 00 00 00 05" in text
         else:
             assert "\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x05" in text
+
+
+LATE_LOADER = """
+import ctypes, socket, sys, time
+ctypes.CDLL("libgnutls.so.30")      # a TLS library from the start...
+print("ready", flush=True)
+sys.stdin.readline()
+import ssl                           # ...and OpenSSL only now (dlopen of _ssl, libssl)
+time.sleep(2.5)                      # the capture looks for new libraries every second
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+with socket.create_connection(("127.0.0.1", int(sys.argv[1]))) as s:
+    with ctx.wrap_socket(s) as t:
+        t.sendall(b"GET /late HTTP/1.0\\r\\n\\r\\n")
+        while t.recv(65536):
+            pass
+"""
+
+
+def test_library_loaded_after_attach_is_attached(s_server: int) -> None:
+    p = subprocess.Popen([sys.executable, "-c", LATE_LOADER, str(s_server)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        with apptrace.ssl.capture(pid=p.pid, keep=True) as cap:
+            assert [lib.kind for lib in cap.libraries] == ["gnutls"]
+            _release(p)  # type: ignore[arg-type]
+            items = list(cap)
+        assert p.wait(30) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert any(lib.kind == "openssl" and "libssl" in lib.path for lib in cap.libraries)
+    chunks = [c for c in items if isinstance(c, Chunk)]
+    assert chunks and chunks[0].data.startswith(b"GET /late HTTP/1.0")
