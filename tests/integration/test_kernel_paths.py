@@ -90,6 +90,18 @@ def test_high_byte_registers_read_bits_8_to_15(fixtures_dir: Path, spawn: Any, n
     assert any(row[1] > 127 for row in want) and any(row[3] > 127 for row in want)
 
 
+@pytest.mark.parametrize("tables", [False, True], ids=["generated-c", "table"])
+def test_constant_arguments_including_zero(fixtures_dir: Path, spawn: Any,
+                                           tables: bool) -> None:
+    binary = fixtures_dir / "usdt_kpaths_nopie"
+    assert _specs(binary, "const0") == ["8@$0 -4@$0 -2@$1 1@$255"]
+    events, stats, printed = _trace(spawn, binary, [3, "wait"], ["usdt:apptrace_fx:const0"],
+                                    arg_tables=tables)
+    want = [tuple(int(v) for v in row) for row in _rows(printed, "const0")]
+    assert want == [(0, 0, 1, 255)] * 3
+    assert [ev.args for ev in events] == want
+
+
 # -- faulting reads ------------------------------------------------------------------------
 
 
@@ -195,13 +207,15 @@ def test_wrong_size_records_are_decode_errors_per_probe(fixtures_dir: Path, spaw
     never as lost."""
     import struct
 
-    from apptrace import ringbuf
+    from apptrace.ringbuf import RingReader
 
-    class LongerReader(ringbuf.RingReader):
-        def __init__(self, fd: int, size: int, record: struct.Struct, **kw: Any) -> None:
-            super().__init__(fd, size, struct.Struct(record.format + "Q"), **kw)
+    real_init = RingReader.__init__
 
-    monkeypatch.setattr(ringbuf, "RingReader", LongerReader)
+    def longer(self: RingReader, fd: int, size: int, record: struct.Struct, **kw: Any) -> None:
+        real_init(self, fd, size, struct.Struct(record.format + "Q"), **kw)
+
+    # On the class: whichever module made the reader, it is this one.
+    monkeypatch.setattr(RingReader, "__init__", longer)
     binary = fixtures_dir / "usdt_kpaths_nopie"
     n = 300
     events, stats, printed = _trace(spawn, binary, [n, "wait", "burst"],
