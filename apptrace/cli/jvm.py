@@ -130,6 +130,15 @@ class JvmGcCommand(Command):
             if summary.lost:
                 say(f"apptrace: warning: {summary.lost} pauses lost (the ring buffer or a map"
                     " was full); their counts are missing from the summary")
+            counters = dict(summary.counters)
+            if counters.get("pools_dropped"):
+                from apptrace.jvm.bpfgen import MAX_POOLS
+
+                say(f"apptrace: warning: {counters['pools_dropped']} memory pools beyond"
+                    f" {MAX_POOLS} per pause were not recorded")
+            if counters.get("names_full"):
+                say(f"apptrace: warning: {counters['names_full']} names could not be kept"
+                    " (shown as ?0x...): too many JVMs for the name table")
             if metrics is not None:
                 metrics.update(tracer)
             status = tracer.exit_status if command else None
@@ -195,9 +204,7 @@ class JvmGcCommand(Command):
         from apptrace.jvm.gclog import compare_with_log, format_comparison, read_gc_log
 
         log = read_gc_log(args.check_gc_log)
-        pids = tracer.traced_pids
-        pid = pids[0] if len(pids) == 1 else None
-        result = compare_with_log(kept, log, tracer.start_ns, pid=pid)
+        result = compare_with_log(kept, log, tracer.start_ns)
         if args.json:
             out.write(json.dumps(result.to_json(), separators=(",", ":")) + "\n")
         else:
