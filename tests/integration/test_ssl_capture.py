@@ -586,3 +586,60 @@ def test_library_loaded_after_attach_is_attached(s_server: int) -> None:
     assert any(lib.kind == "openssl" and "libssl" in lib.path for lib in cap.libraries)
     chunks = [c for c in items if isinstance(c, Chunk)]
     assert chunks and chunks[0].data.startswith(b"GET /late HTTP/1.0")
+
+
+INTERLEAVED = """
+import socket, ssl, struct, sys
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+conns = [ctx.wrap_socket(socket.create_connection(("127.0.0.1", int(p)))) for p in sys.argv[1:]]
+print("ready", flush=True)
+sys.stdin.readline()
+def exact(t, n):
+    b = b""
+    while len(b) < n:
+        b += t.recv(n - len(b))
+    return b
+for rnd in range(3):                      # one thread, both connections in turn
+    for i, t in enumerate(conns):
+        size = 1000 * (i + 1) + rnd
+        t.sendall(struct.pack(">Q", size) + bytes([65 + i]) * size)
+    for t in conns:
+        n = struct.unpack(">Q", exact(t, 8))[0]
+        exact(t, n)
+for t in conns:
+    t.sendall(struct.pack(">Q", 2 ** 64 - 1))
+    t.close()
+"""
+
+
+def test_two_connections_in_one_thread_stay_apart(servers: Any) -> None:
+    """Connection identity is the TLS object, not the thread: interleaved calls
+    on two connections from one thread land in their own streams."""
+    a, b = servers("tls_openssl"), servers("tls_openssl")
+    p = subprocess.Popen([sys.executable, "-c", INTERLEAVED, str(a.port), str(b.port)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        with apptrace.ssl.capture(pid=p.pid, keep=True) as cap:
+            _release(p)  # type: ignore[arg-type]
+            items = list(cap)
+        assert p.wait(30) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert len({c.tid for c in items if isinstance(c, Chunk)}) == 1
+    by_port = {c.raddr[1]: c for c in cap.connections if c.raddr}
+    assert set(by_port) == {a.port, b.port}
+    for srv, letter in ((a, b"A"), (b, b"B")):
+        conn = by_port[srv.port]
+        wrote = cap.stream(conn, "write")
+        peer = srv.totals()
+        import hashlib
+
+        assert (len(wrote.data), hashlib.sha256(wrote.data).hexdigest()) == peer["recv"]
+        assert letter * 1000 in wrote.data and (b"B" if letter == b"A" else b"A") * 100 \
+            not in wrote.data
+        read = cap.stream(conn, "read")
+        assert (len(read.data), read.sha256()) == peer["sent"]
