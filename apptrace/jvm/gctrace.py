@@ -497,8 +497,8 @@ class GcTracer:
         if self._perf.get(pid) is not None:
             return
         now = time.monotonic()
-        if pid in self._perf and now - self._perf_tried.get(pid, 0.0) < 1.0:
-            return  # a JVM still starting has no counters yet: try again later
+        if pid in self._perf and now - self._perf_tried.get(pid, 0.0) < 0.1:
+            return  # a JVM still starting has no counters yet: try again soon
         self._perf_tried[pid] = now
         self._seen_pids.add(pid)
         where = find_hsperfdata(pid)
