@@ -585,7 +585,7 @@ class Symbolizer:
         try:
             out = list(map(known.get, addrs))
             if None not in out:  # all known: the hot path of a tracer
-                return out
+                return out  # type: ignore[return-value]
             # Sorted: blazesym looks up ascending addresses about 30% faster.
             missing = sorted(set(addrs).difference(known))
         except TypeError as exc:
