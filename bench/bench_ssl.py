@@ -69,15 +69,42 @@ def _go(p: subprocess.Popen[str]) -> float:
     return t0
 
 
+def _reap(p: subprocess.Popen[str]) -> tuple[str, float]:
+    """The client's output and the CPU time it used (user + system): unlike
+    wall time, barely moved by other load on the machine."""
+    assert p.stdout is not None
+    out = p.stdout.read()
+    _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    return out, usage.ru_utime + usage.ru_stime
+
+
+def _exited(pid: int) -> bool:
+    """Exited but not reaped yet (reaping here would lose its CPU times)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _self_cpu() -> float:
+    import resource
+
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return u.ru_utime + u.ru_stime
+
+
 def one_run(sizes: str, traced: bool, ring_mb: int = 32) -> dict[str, Any]:
     """One transfer; with ``traced``, captured and verified as it goes."""
     srv, port = _server()
     cli = _client(port, sizes)
     result: dict[str, Any] = {"traced": traced}
     try:
+        self_cpu0 = _self_cpu()
         if not traced:
             t0 = _go(cli)
-            out, _ = cli.communicate(timeout=600)
+            out, cpu = _reap(cli)
             secs = time.monotonic() - t0
         else:
             import apptrace.ssl
@@ -101,9 +128,9 @@ def one_run(sizes: str, traced: bool, ring_mb: int = 32) -> dict[str, Any]:
                                 order_ok = False
                             nxt[it.direction] = it.end
                             hashes[it.direction].update(it.data)
-                    if secs is None and cli.poll() is not None:
+                    if secs is None and _exited(cli.pid):
                         secs = time.monotonic() - t0
-                out, _ = cli.communicate(timeout=600)
+                out, cpu = _reap(cli)
                 if secs is None:
                     secs = time.monotonic() - t0
                 st = cap.stats()
@@ -115,7 +142,8 @@ def one_run(sizes: str, traced: bool, ring_mb: int = 32) -> dict[str, Any]:
                           gaps=gaps, calls=st.calls, captured_bytes=st.bytes)
         mine = _totals(out)
         total = mine["sent"][0] + mine["recv"][0]
-        result.update(seconds=secs, bytes=total, mb_per_s=total / secs / 1e6)
+        result.update(seconds=secs, bytes=total, mb_per_s=total / secs / 1e6,
+                      client_cpu_s=cpu, capture_cpu_s=_self_cpu() - self_cpu0 if traced else 0.0)
         srv.communicate(timeout=60)
     finally:
         for p in (cli, srv):
@@ -142,12 +170,18 @@ def run(quick: bool = False) -> dict[str, Any]:
     untraced = statistics.median(plain)
     captured = statistics.median(r["mb_per_s"] for r in traced)
     cost = (1 - captured / untraced) * 100
+    cpu_plain = statistics.median(r["client_cpu_s"] for r in runs if not r["traced"])
+    cpu_traced = statistics.median(r["client_cpu_s"] for r in traced)
+    reader = statistics.median(r["capture_cpu_s"] for r in traced)
     lost = sum(r["lost_bytes"] for r in traced)
     exact = all(r["exact"] for r in traced)
     return {
         "transfer": sizes, "runs": runs, "load_average": os.getloadavg(),
         "untraced_mb_per_s": round(untraced, 1), "captured_mb_per_s": round(captured, 1),
         "cost_pct": round(cost, 1), "lost_bytes": lost,
+        "client_cpu_untraced_s": round(cpu_plain, 3), "client_cpu_captured_s": round(cpu_traced, 3),
+        "client_cpu_cost_pct": round((cpu_traced / cpu_plain - 1) * 100, 1),
+        "capture_process_cpu_s": round(reader, 3),
         "lost_records": sum(r["lost_records"] for r in traced),
         "byte_exact": exact,
         "goal": f"cost <= {GOAL_COST_PCT:.0f}% and zero loss",
@@ -161,6 +195,10 @@ def format_table(res: dict[str, Any]) -> str:
              f"  untraced            {res['untraced_mb_per_s']:8.1f} MB/s",
              f"  captured, verified  {res['captured_mb_per_s']:8.1f} MB/s"
              f"   cost {res['cost_pct']:.1f}%",
+             f"  traced program's CPU: {res['client_cpu_untraced_s']:.3f}s untraced,"
+             f" {res['client_cpu_captured_s']:.3f}s captured"
+             f" (+{res['client_cpu_cost_pct']:.1f}%); the capturing process used"
+             f" {res['capture_process_cpu_s']:.3f}s",
              f"  lost: {res['lost_bytes']} bytes in {res['lost_records']} records;"
              f" byte-exact: {res['byte_exact']}",
              f"  goal ({res['goal']}): {'met' if res['goal_met'] else 'NOT met'}",
@@ -168,7 +206,8 @@ def format_table(res: dict[str, Any]) -> str:
              + " ".join(f"{x:.2f}" for x in res["load_average"])]
     for r in res["runs"]:
         kind = "captured" if r["traced"] else "untraced"
-        lines.append(f"    {kind:9} {r['mb_per_s']:8.1f} MB/s  {r['seconds']:.2f}s")
+        lines.append(f"    {kind:9} {r['mb_per_s']:8.1f} MB/s  {r['seconds']:.2f}s"
+                     f"  client CPU {r['client_cpu_s']:.3f}s")
     return "\n".join(lines)
 
 

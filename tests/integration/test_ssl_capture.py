@@ -419,13 +419,18 @@ def test_target_exits_mid_capture(fixtures_dir: Path, servers: Any) -> None:
         cli = subprocess.Popen(APPTRACE + ["ssl", "-p", str(p.pid), "-f", "jsonl", "-o",
                                            os.devnull], stderr=subprocess.PIPE, text=True,
                                cwd=str(ROOT))
-        time.sleep(1.5)  # attached (the summary below proves it), then release the client
+        assert cli.stderr is not None
+        head = ""
+        while "capturing TLS" not in head:  # attached: now let the client run
+            line = cli.stderr.readline()
+            assert line, "apptrace ended before attaching"
+            head += line
         _release(p)
         time.sleep(0.5)
         p.kill()
         p.communicate()
         _, err = cli.communicate(timeout=60)
-        r = subprocess.CompletedProcess(cli.args, cli.returncode, "", err)
+        r = subprocess.CompletedProcess(cli.args, cli.returncode, "", head + err)
     finally:
         if p.poll() is None:
             p.kill()
