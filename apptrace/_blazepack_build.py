@@ -184,7 +184,7 @@ static void at_emit(struct at_ctx *c, struct at_out *o, const struct blaze_sym *
 
     if (o->k + n > o->nframes)
         return;
-    o->keys[o->g] = addr;
+    o->keys[o->g] = i;
     o->groups[o->g++] = n;
     if (s->name == NULL) {
         o->addrs[o->k] = addr;
@@ -213,8 +213,8 @@ static void at_emit(struct at_ctx *c, struct at_out *o, const struct blaze_sym *
    addresses blazesym was given; a frame reports inputs[i] + adjust[i] (a
    return address looked up one byte early). Groups (the frames of one
    address) come in input order, or, with singles_first, every one-frame
-   group first and then the others (each in input order): keys[] says whose
-   group is where. Capacities, from nframes = apptrace_frame_count(res):
+   group first and then the others (each in input order): keys[] gives the
+   input index of each group. Capacities, from nframes = apptrace_frame_count(res):
    addrs, offsets, lines and where_ids nframes; keys and groups res->cnt;
    strs/kinds 4*nframes+1; paths 2*(nframes+1); wheres 5*(nframes+1).
    sizes[] receives the number of strings, paths, wheres and one-frame

@@ -810,7 +810,7 @@ def _convert(b: _Binding, res: Any, arr: Any, addrs: Sequence[int],
     ``into``, each address's frames go in that dict instead (any order)."""
     try:
         if b.pack is not None:
-            return _unpack(b, res, arr, len(addrs), adjust, into)
+            return _unpack(b, res, arr, addrs, adjust, into)
         out = _copy_syms(b, res, addrs, adjust)
         if into is None:
             return out
@@ -824,8 +824,8 @@ _new_frame = tuple.__new__
 _NAME, _MODULE = 1, 2  # string kinds of the compiled reader
 
 
-def _unpack(b: _Binding, res: Any, arr: Any, cnt: int, adjust: Optional[Sequence[int]],
-            into: Optional[dict[int, Frames]]) -> list[Frames]:
+def _unpack(b: _Binding, res: Any, arr: Any, keys_in: Sequence[int],
+            adjust: Optional[Sequence[int]], into: Optional[dict[int, Frames]]) -> list[Frames]:
     """The fast path: the compiled helper flattens the result into columns
     and interned tables; Python builds frames with C-level loops (map/zip)."""
     pk = b.pack
@@ -833,6 +833,7 @@ def _unpack(b: _Binding, res: Any, arr: Any, cnt: int, adjust: Optional[Sequence
     cast, addr_of = ffi.cast, b.ffi.cast
     ptr = cast("const struct blaze_syms *", int(addr_of("uintptr_t", res)))
     inputs = cast("const uint64_t *", int(addr_of("uintptr_t", arr)))
+    cnt = len(keys_in)
     nf = lib.apptrace_frame_count(ptr)
     addrs = ffi.new("uint64_t[]", nf)
     offsets = ffi.new("uint64_t[]", nf)
@@ -886,7 +887,8 @@ def _unpack(b: _Binding, res: Any, arr: Any, cnt: int, adjust: Optional[Sequence
         map(where.__getitem__, ffi.unpack(where_ids, nf))))
     with _gc_paused():
         if into is not None:  # one-frame groups first: zip makes them at C speed
-            into.update(zip(ffi.unpack(keys, cnt), chain(
+            # The caller's own int objects as keys: later lookups match by identity.
+            into.update(zip(map(keys_in.__getitem__, ffi.unpack(keys, cnt)), chain(
                 zip(islice(frames, singles)),
                 map(tuple, map(islice, repeat(frames), ffi.unpack(groups + singles,
                                                                   cnt - singles))))))
