@@ -94,6 +94,9 @@ class SslCommand(Command):
             if not args.quiet:
                 for lib in cap.libraries:
                     say(f"apptrace: {lib.describe()}")
+                if cap.not_found:
+                    say(f"apptrace: not found in {'this process' if args.pid else 'the target'}:"
+                        f" {', '.join(cap.not_found)}")
                 for w in cap.warnings:
                     say(f"apptrace: warning: {w}")
                 say(f"apptrace: capturing TLS of {cap.target.describe()} (attached in"

@@ -242,7 +242,8 @@ struct tp_sk_state {
 };
 
 BPF_RINGBUF_OUTPUT(ssl_rb, @PAGES@);
-BPF_TABLE("lru_hash", u64, struct call_t, ssl_calls, 16384);  /* a call never returned must not fill it */
+/* LRU: a call that never returned must not fill the table */
+BPF_TABLE("lru_hash", u64, struct call_t, ssl_calls, 16384);
 BPF_TABLE("lru_hash", struct conn_key, struct conn_t, ssl_conns, 65536);
 BPF_TABLE("lru_hash", u64, struct sock_t, ssl_socks, 65536);
 BPF_HASH(ssl_nss_methods, struct conn_key, u8, 1024);

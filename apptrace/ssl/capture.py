@@ -537,6 +537,13 @@ class Capture:
     # -- results ------------------------------------------------------------------
 
     @property
+    def not_found(self) -> list[str]:
+        """TLS implementations looked for and absent from the target."""
+        kinds = {lib.kind for lib in self.libraries}
+        names = {"openssl": "OpenSSL", "gnutls": "GnuTLS", "nss": "NSS"}
+        return [name for kind, name in names.items() if kind not in kinds]
+
+    @property
     def connections(self) -> list[Connection]:
         """Every connection seen, latest state, in order of appearance."""
         return [self._all_conns[k] for k in sorted(self._all_conns)]
