@@ -136,6 +136,9 @@ class JvmGcCommand(Command):
 
                 say(f"apptrace: warning: {counters['pools_dropped']} memory pools beyond"
                     f" {MAX_POOLS} per pause were not recorded")
+            if counters.get("heap_full"):
+                say(f"apptrace: warning: the pool usage of {counters['heap_full']} pools could"
+                    " not be kept: too many JVMs for the table")
             if counters.get("names_full"):
                 say(f"apptrace: warning: {counters['names_full']} names could not be kept"
                     " (shown as ?0x...): too many JVMs for the name table")

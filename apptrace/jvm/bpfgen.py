@@ -70,7 +70,7 @@ F_DROPPED = 1 << 8     # more pools than MAX_POOLS
 
 # counters (per-CPU array slots)
 COUNTERS = ("ring_full", "no_state", "pools_dropped", "cycle_no_begin", "gc_end_unmatched",
-            "agg_full", "names_full")
+            "agg_full", "names_full", "heap_full")
 
 # struct gc_rec: 7 u64 times, 8 u32, u64 manager, two 64-byte cause strings,
 # then MAX_POOLS x struct pool (9 u64: manager, pool, init, max, used and
@@ -201,6 +201,7 @@ _COMMON = r"""
 #define C_GC_END_UNMATCHED 4
 #define C_AGG_FULL 5
 #define C_NAMES_FULL 6
+#define C_HEAP_FULL 7
 
 struct pool { u64 mgr, pool, init, max, used0, comm0, used1, comm1, have; };
 struct gc_rec {
@@ -358,14 +359,20 @@ static __always_inline void after_gc(struct gc_rec *s, struct akey *k, struct po
     struct hkey hk = {};
     hk.pid = s->pid;
     hk.pool = q->pool;
-    struct hval hv = {};
-    hv.mgr = m;
-    hv.used = q->used1;
-    hv.committed = q->comm1;
-    hv.max = q->max;
-    hv.init = q->init;
-    hv.ts = ts;
-    heap.update(&hk, &hv);
+    /* In place: an update would allocate and free an element each time. */
+    struct hval *hv = heap.lookup(&hk);
+    if (!hv) {
+        struct hval zero = {};
+        heap.update(&hk, &zero);
+        hv = heap.lookup(&hk);
+        if (!hv) { count(C_HEAP_FULL); return; }
+    }
+    hv->mgr = m;
+    hv->used = q->used1;
+    hv->committed = q->comm1;
+    hv->max = q->max;
+    hv->init = q->init;
+    hv->ts = ts;
 }
 
 static __always_inline void emit(struct gc_rec *s) {
