@@ -84,6 +84,6 @@ lint: venv
 	$(VENV)/bin/mypy apptrace
 
 clean:
-	rm -rf $(BUILD) $(VENV) dist apptrace/libblazesym_c.so apptrace/LICENSE.blazesym
+	rm -rf $(BUILD) $(VENV) dist apptrace/libblazesym_c.so apptrace/LICENSE.blazesym apptrace/_blazepack*.so
 	@$(MAKE) -s -C fixtures/c clean
 	@$(MAKE) -s -C fixtures/java clean
