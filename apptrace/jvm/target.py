@@ -25,7 +25,6 @@ from apptrace.errors import (
     JvmProbesMissingError,
     NoProbesError,
     NotAJvmError,
-    ProcessNotFoundError,
     SpawnError,
 )
 from apptrace.procs import ProcessRef, read_maps
@@ -130,13 +129,12 @@ def libjvm_of(pid: int) -> JvmProcess:
 
 
 def _is_candidate(name: str, cmdline: Sequence[str], want: str) -> bool:
+    """The process name, or a main class (``com.example.Main`` or its last
+    part) or jar (``app.jar`` or its path) among the arguments."""
     if name == want or (cmdline and os.path.basename(cmdline[0]) == want):
         return True
-    # A main class or jar: `java ... com.example.Main` or `-jar app.jar`.
-    for i, word in enumerate(cmdline[1:], 1):
-        if word == want or word.rsplit(".", 1)[-1] == want or os.path.basename(word) == want:
-            return i > 0
-    return False
+    return any(word == want or word.rsplit(".", 1)[-1] == want
+               or os.path.basename(word) == want for word in cmdline[1:])
 
 
 def find_jvms(name: str) -> list[int]:
@@ -223,7 +221,9 @@ class HeldCommand:
 
     A tiny Python waits on a pipe, then execs the command in place (same
     PID), so probes attached to that PID before the release see the JVM from
-    its first instruction on.
+    its first instruction on. Unlike a Session's launcher, this one needs no
+    exec gate in the BPF program: the probes are in libjvm.so, which the
+    Python launcher never maps, so nothing it runs can hit them.
     """
 
     def __init__(self, command: Sequence[str], exe: Optional[str] = None,
@@ -300,10 +300,3 @@ class HeldCommand:
                 self.proc.wait()
         if self.exit_status is None:
             self.exit_status = self.proc.returncode
-
-
-def process_ref(pid: int) -> Optional[ProcessRef]:
-    try:
-        return ProcessRef.from_pid(pid)
-    except (ProcessNotFoundError, ApptraceError):
-        return None
