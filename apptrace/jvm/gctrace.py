@@ -446,8 +446,9 @@ class GcTracer:
             if pid is not None:
                 self._learn(pid)
         if not self._attached:
+            why = f": {self.warnings[0]}" if self.warnings else ""
             raise ApptraceError("no JDK with HotSpot probes found (looked in /usr/lib/jvm,"
-                                " /opt, $JAVA_HOME and running JVMs)")
+                                f" /opt, $JAVA_HOME and running JVMs){why}")
 
     def _attach_lib_systemwide(self, real: str, shown: str) -> None:
         try:
