@@ -37,7 +37,6 @@ from apptrace.bpfobj import (
     map_info,
     unbind,
 )
-from apptrace.capabilities import BPF_LINK_CREATE, BPF_TRACE_UPROBE_MULTI, bpf
 from apptrace.errors import (
     ApptraceError,
     AttachError,
@@ -46,8 +45,13 @@ from apptrace.errors import (
     SemaphoreConflictError,
     TracePermissionError,
 )
-
-BPF_RAW_TRACEPOINT_OPEN = 17
+from apptrace.syscall import (
+    BPF_LINK_CREATE,
+    BPF_RAW_TRACEPOINT_OPEN,
+    BPF_TRACE_UPROBE_MULTI,
+    bpf,
+    has_trace_privileges,
+)
 
 __all__ = ["import_bcc", "Program", "compile_c", "self_test", "attach_uprobe_perf",
            "attach_uprobe_multi"]
@@ -177,7 +181,6 @@ def compile_c(text: str) -> CompiledObject:
         with _captured_stderr() as noise:
             b = bcc.BPF(text=text.encode())
     except Exception as err:  # bcc raises bare Exception; clang's text went to fd 2
-        from apptrace.capabilities import has_trace_privileges
 
         if not has_trace_privileges():
             raise TracePermissionError(f"cannot load BPF programs ({err})") from err

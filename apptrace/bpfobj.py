@@ -26,8 +26,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
-from apptrace.capabilities import bpf
 from apptrace.errors import BpfError, TracePermissionError
+from apptrace.syscall import bpf
 
 __all__ = ["MapSpec", "CompiledObject", "LoadedObject", "BpfMap", "cache_get", "cache_put",
            "possible_cpus"]

@@ -34,15 +34,23 @@ __all__ = [
     "find_jdks",
 ]
 
-_SYS_BPF = 321  # x86-64
-BPF_MAP_CREATE, BPF_PROG_LOAD, BPF_LINK_CREATE = 0, 5, 28
-BPF_PROG_TYPE_SOCKET_FILTER, BPF_PROG_TYPE_KPROBE = 1, 2
-BPF_MAP_TYPE_RINGBUF = 27
-BPF_TRACE_UPROBE_MULTI = 48
-_ATTR_SIZE = 144
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.syscall.restype = ctypes.c_long
+# The raw calls live in apptrace.syscall (below bpf.py and bpfobj.py, which
+# use them too); they are re-exported here for callers that check features.
+from apptrace.syscall import (  # noqa: E402
+    BPF_LINK_CREATE,
+    BPF_MAP_CREATE,
+    BPF_MAP_TYPE_RINGBUF,
+    BPF_PROG_LOAD,
+    BPF_PROG_TYPE_KPROBE,
+    BPF_PROG_TYPE_SOCKET_FILTER,
+    BPF_TRACE_UPROBE_MULTI,
+    _cap_eff,
+    bpf,
+    has_trace_privileges,
+)
+from apptrace.syscall import (
+    attr as _attr,
+)
 
 
 @dataclass(frozen=True)
@@ -61,16 +69,6 @@ class Check:
                 "required": self.required, "checked": self.checked}
 
 
-def bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> tuple[int, int]:
-    """Raw bpf(2): (return value, errno)."""
-    ret = _libc.syscall(_SYS_BPF, cmd, attr, len(attr))
-    return ret, (ctypes.get_errno() if ret < 0 else 0)
-
-
-def _attr() -> ctypes.Array[ctypes.c_char]:
-    return ctypes.create_string_buffer(_ATTR_SIZE)
-
-
 _RET0 = struct.pack("<BBhi", 0xB7, 0, 0, 0) + struct.pack("<BBhi", 0x95, 0, 0, 0)
 _GPL = ctypes.create_string_buffer(b"GPL")
 
@@ -86,27 +84,6 @@ def _load_trivial(prog_type: int, expected_attach: int = 0) -> tuple[int, int]:
 
 def is_root() -> bool:
     return os.geteuid() == 0
-
-
-def has_trace_privileges() -> bool:
-    """CAP_SYS_ADMIN, or CAP_BPF with CAP_PERFMON: what loading and attaching need.
-
-    Checked on the effective capability set, not the uid: root with its
-    capabilities dropped (a container, ``setpriv``) cannot trace.
-    """
-    caps = _cap_eff()
-    return bool(caps >> 21 & 1 or (caps >> 39 & 1 and caps >> 38 & 1))
-
-
-def _cap_eff() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("CapEff:"):
-                    return int(line.split()[1], 16)
-    except OSError:
-        pass
-    return 0
 
 
 @lru_cache(maxsize=None)

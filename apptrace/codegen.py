@@ -28,7 +28,8 @@ from typing import Optional
 
 from apptrace.usdt.args import Argument
 
-__all__ = ["ArgRead", "GroupPlan", "HEADER", "render", "header_c", "table_row", "TASK_HOOKS"]
+__all__ = ["ArgRead", "GroupPlan", "HEADER", "render", "header_c", "table_row", "TASK_HOOKS",
+           "GATE"]
 
 # struct apptrace_hdr: ts, pid(tgid), tid, probe, site, flags, nstack, comm
 HEADER = struct.Struct("<QIIIIIi16s")
@@ -121,8 +122,6 @@ struct apptrace_arg {{
 struct apptrace_spec {{ struct apptrace_arg a[{MAX_TABLE_ARGS}]; }};
 /* This CPU's previous event in a ring: its thread, and the rename generation then. */
 struct apptrace_last {{ u32 tid; u32 pad; u64 gen; }};
-/* Session controls, written from user space (indexes CTL_*): */
-BPF_ARRAY(apptrace_ctl, u64, {CTL_SLOTS});
 static __always_inline u64 apptrace_reg(struct pt_regs *ctx, u16 off) {{
     u64 v = 0;
     bpf_probe_read_kernel(&v, sizeof(v), (void *)ctx + (off & 0xff));
@@ -344,7 +343,9 @@ HOLD_AT_ENTRY = """int apptrace_hold_at_entry(struct pt_regs *ctx) {
 # generation that invalidates every CPU's "same thread as last time" comm
 # cache. The exec of a held command ends its hold: from then on its events
 # count, and it can be stopped before its first instruction.
-TASK_HOOKS = f"""int apptrace_on_rename(struct bpf_raw_tracepoint_args *ctx) {{
+TASK_HOOKS = f"""/* Session controls, written from user space (indexes CTL_*): */
+BPF_ARRAY(apptrace_ctl, u64, {CTL_SLOTS});
+int apptrace_on_rename(struct bpf_raw_tracepoint_args *ctx) {{
     u32 slot = {CTL_GEN};
     u64 *gen = apptrace_ctl.lookup(&slot);
     if (gen) __sync_fetch_and_add(gen, 1);
@@ -364,8 +365,10 @@ int apptrace_on_exec(struct bpf_raw_tracepoint_args *ctx) {{
 int apptrace_noop(struct pt_regs *ctx) {{ return 0; }}"""
 
 # The head of every body: the hold gate. Hits in apptrace's own launcher,
-# before it execs the command, are not the command's and are dropped.
-_GATE = f"""    u64 id = bpf_get_current_pid_tgid();
+# before it execs the command, are not the command's and are dropped. A probe
+# family with its own C puts TASK_HOOKS in its program and GATE at the top of
+# each probe function (it declares ``id``; ``return 0`` leaves early).
+GATE = _GATE = f"""    u64 id = bpf_get_current_pid_tgid();
     u32 ctl_slot = {CTL_HELD};
     u64 *held = apptrace_ctl.lookup(&ctl_slot);
     if (held && *held == (id >> 32)) return 0;"""

@@ -175,8 +175,12 @@ def test_float_uprobe_arguments_are_unavailable(fixtures_dir: Path, spawn: Any) 
                     if ln.startswith("call fx_add")]
 
 
-def test_one_symbol_in_two_binaries_keeps_two_labels(fixtures_dir: Path) -> None:
-    a, b = fixtures_dir / "uprobe_funcs_pie", fixtures_dir / "uprobe_funcs_nopie"
+def test_one_symbol_in_two_binaries_keeps_two_labels(fixtures_dir: Path,
+                                                     tmp_path: Path) -> None:
+    # Private copies: system-wide probes on them see only this test's processes.
+    a, b = tmp_path / "uprobe_funcs_pie", tmp_path / "uprobe_funcs_nopie"
+    shutil.copy2(fixtures_dir / a.name, a)
+    shutil.copy2(fixtures_dir / b.name, b)
     with Session() as s:
         s.add(f"uprobe:{a}:fx_neg")
         s.add(f"uprobe:{b}:fx_neg")

@@ -1,0 +1,275 @@
+"""The program layer: the BPF program for a set of probe strings, attached.
+
+From the plan (:mod:`apptrace.engine.plan`) it renders the C
+(:mod:`apptrace.codegen`), compiles or loads it from the compile cache
+(:class:`apptrace.bpf.Program`), attaches every site (one uprobe_multi link
+per binary, or perf events), raises semaphores in either mode, arms the exec
+gate of a held command, and opens each group's ring. :meth:`close` releases
+all of it. Counters kept in the kernel (losses, folded stacks) are read here.
+
+A probe family with its own C uses :class:`apptrace.bpf.Program` directly
+(compile, load, attach, maps) and :class:`TaskHooks` for the same exec gate.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Optional
+
+from apptrace.bpf import Program
+from apptrace.codegen import (
+    CTL_HELD,
+    CTL_NO_SHORTCUT,
+    CTL_STOP_EXEC,
+    MAX_TABLE_ARGS,
+    GroupPlan,
+    render,
+    table_row,
+)
+from apptrace.engine.attach import Resolver, quiet_offset
+from apptrace.engine.plan import PROBE_AT, Group, cookie
+from apptrace.engine.target import HeldCommand
+from apptrace.errors import ApptraceError
+from apptrace.options import check_event_fits
+from apptrace.ringbuf import RingReader
+from apptrace.semaphores import ProcMemSemaphores
+
+__all__ = ["TraceProgram", "TaskHooks", "ring_pages", "TABLE_THRESHOLD"]
+
+TABLE_THRESHOLD = 16  # argument layouts in one group before specs go in a map
+RING_BUDGET_KB = 32 * 1024   # split across probe strings unless a size is given
+_SPEC_ARG = struct.Struct("<BBBBHHqQ")  # struct apptrace_arg
+_FOLD_KEY = struct.Struct("<IIIi16s")   # struct gN_key: pid, probe, site, stack id, comm
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+def ring_pages(rings: int, ringbuf_kb: Optional[int] = None) -> int:
+    """Pages per ring buffer: a power of two. By default 32 MiB shared by the
+    rings, each between 1 and 16 MiB: room for ~0.2 s of a million events a
+    second while the reader is descheduled."""
+    kb = ringbuf_kb or min(16 * 1024, max(1024, RING_BUDGET_KB // max(rings, 1)))
+    pages = max(1, kb * 1024 // 4096)
+    return 1 << (pages - 1).bit_length()
+
+
+class TaskHooks:
+    """The rename and exec hooks every program rendered by :mod:`apptrace.codegen`
+    carries (``TASK_HOOKS``): comm caches follow renames, and a held command's
+    launcher is not traced until its exec (where it may be stopped)."""
+
+    def __init__(self, prog: Program) -> None:
+        self.prog = prog
+
+    def ctl(self, slot: int, value: int) -> None:
+        self.prog.map("apptrace_ctl").update(_U32.pack(slot), _U64.pack(value))
+
+    def attach(self, child: Optional[HeldCommand], *, stop_at_exec: bool = False) -> None:
+        if child is not None:
+            self.ctl(CTL_HELD, child.pid)
+            self.ctl(CTL_STOP_EXEC, int(stop_at_exec))
+        try:
+            self.prog.attach_raw_tracepoint(
+                self.prog.load("apptrace_on_rename", raw_tracepoint=True), "task_rename")
+        except ApptraceError:
+            self.ctl(CTL_NO_SHORTCUT, 1)  # no rename tracking: copy comm every time
+        if child is not None:
+            self.prog.attach_raw_tracepoint(
+                self.prog.load("apptrace_on_exec", raw_tracepoint=True), "sched_process_exec")
+
+
+class TraceProgram:
+    """The generated program of a session's groups, loaded and attached."""
+
+    def __init__(self, groups: list[Group], resolver: Resolver, *, multi: bool,
+                 str_max: int, stack_depth: int, ringbuf_kb: Optional[int],
+                 arg_tables: Optional[bool], hold_at_entry: bool = False) -> None:
+        self.groups = groups
+        self.resolver = resolver
+        self.multi = multi
+        self.hold_at_entry = hold_at_entry
+        plans = []
+        pages = ring_pages(sum(1 for g in groups if not g.fold), ringbuf_kb)
+        for g in groups:
+            stack = stack_depth if g.spec.stack else 0
+            g.str_size = (max(str_max, g.str_size) + 7) & ~7
+            plan = GroupPlan(g.gid, g.nargs, g.nstr, g.str_size, stack, pages, len(g.probes),
+                             g.reader_plans, multi=multi, fold=g.fold)
+            tables_ok = g.nstr == 0 and 0 < g.nargs <= MAX_TABLE_ARGS and not plan.fold
+            plan.table = tables_ok and (len(g.reader_plans) > TABLE_THRESHOLD
+                                        if arg_tables is None else arg_tables)
+            if not multi:
+                plan.site_cookies = sorted({cookie(pi, si, s.reader)
+                                            for pi, p in enumerate(g.probes)
+                                            for si, s in enumerate(p.sites)})
+            if not plan.fold:
+                check_event_fits(plan.event_struct().size, plan.ringbuf_pages * 4096)
+            g.plan = plan
+            plans.append(plan)
+        self.prog = Program(render(plans, hold_at_entry=hold_at_entry))
+        self.hooks = TaskHooks(self.prog)
+        self.procmem: Optional[ProcMemSemaphores] = None
+        self._procmem_later: list[tuple[str, int]] = []  # a held command's, after exec
+        for plan in plans:
+            if plan.table:
+                self._fill_specs(plan)
+
+    @property
+    def from_cache(self) -> bool:
+        return bool(self.prog.from_cache)
+
+    def _fill_specs(self, plan: GroupPlan) -> None:
+        """Write each reader's argument specs into the group's spec map."""
+        specs = self.prog.map(f"{plan.name}_specs")
+        for rid, (reads, vaddr) in enumerate(plan.readers):
+            rows = table_row(reads, vaddr)
+            value = b"".join(_SPEC_ARG.pack(*row) for row in rows)
+            value += bytes(specs.spec.value_size - len(value))
+            specs.update(_U32.pack(rid), value)
+
+    # -- attaching -------------------------------------------------------------
+
+    def attach(self, pid: Optional[int], child: Optional[HeldCommand], *,
+               semaphores: str = "kernel") -> None:
+        """Attach every site (filtered to ``pid`` when given) and raise semaphores."""
+        upid = pid if pid is not None else -1
+        self.hooks.attach(child, stop_at_exec=semaphores == "procmem" and child is not None)
+        if child is not None and self.hold_at_entry:
+            self._attach_entry_hold(child)
+        if semaphores == "procmem" and pid is not None:
+            self.procmem = ProcMemSemaphores(pid)
+        self._attach_companions(upid, child)
+        for g in self.groups:
+            self._attach_group(g, upid, child)
+
+    def _attach_group(self, g: Group, pid: int, child: Optional[HeldCommand]) -> None:
+        assert g.plan is not None
+        prog = self.prog
+        if self.multi:
+            fd = prog.load(f"{g.plan.name}_multi", multi=True)
+            by_binary: dict[str, list[tuple[int, int, int]]] = {}
+            for pi, p in enumerate(g.probes):
+                for si, s in enumerate(p.sites):
+                    by_binary.setdefault(s.binary, []).append(
+                        (s.file_offset, s.ref_ctr_offset, cookie(pi, si, s.reader)))
+            for binary, rows in by_binary.items():
+                prog.attach_multi(fd, binary, [r[0] for r in rows], [r[1] for r in rows],
+                                  [r[2] for r in rows], pid, g.retprobe, g.spec.text)
+        else:
+            for pi, p in enumerate(g.probes):
+                for si, s in enumerate(p.sites):
+                    ck = cookie(pi, si, s.reader)
+                    fd = prog.load(f"{g.plan.name}_c{ck:x}")
+                    prog.attach_perf(fd, s.binary, s.file_offset, pid, s.ref_ctr_offset,
+                                     g.retprobe, p.info.label)
+        if self.procmem is not None:
+            for p in g.probes:
+                for s in p.sites:
+                    if s.semaphore_offset:
+                        self._raise_procmem(s.binary, s.semaphore_offset, child)
+        if not g.fold:
+            g.ring = RingReader(prog.map_fd(f"{g.plan.name}_rb"), g.plan.ringbuf_pages * 4096,
+                                g.record_struct(), probe_offset=PROBE_AT)
+
+    def _attach_entry_hold(self, child: HeldCommand) -> None:
+        """Stop the spawned command at its ELF entry point, once, for a map snapshot."""
+        img = self.resolver.image(child.exe)
+        entry = img.vaddr_to_offset(img.entry, executable=True)
+        if entry is None:
+            self.hold_at_entry = False
+            return
+        fd = self.prog.load("apptrace_hold_at_entry")
+        self.prog.attach_perf(fd, child.exe, entry, child.pid, 0, False, "entry hold")
+
+    def _raise_procmem(self, binary: str, offset: int, child: Optional[HeldCommand]) -> None:
+        """A held command's semaphores are raised after its exec, not in the launcher."""
+        assert self.procmem is not None
+        if child is not None and child.held:
+            self._procmem_later.append((binary, offset))
+        else:
+            self.procmem.add(binary, offset)
+
+    def raise_after_exec(self) -> None:
+        """Called while the command is stopped right after its exec."""
+        assert self.procmem is not None
+        for binary, offset in self._procmem_later:
+            self.procmem.add(binary, offset)
+        self._procmem_later.clear()
+
+    def _attach_companions(self, pid: int, child: Optional[HeldCommand]) -> None:
+        """Raise semaphores a probe needs without sending their events.
+
+        A no-op uprobe placed where the program runs once (``.fini``) carries
+        the semaphore as its ``ref_ctr_offset``: the kernel raises it in every
+        process that maps the binary, and the probe's own sites stay unhit.
+        """
+        done: set[tuple[str, int]] = set()
+        for g in self.groups:
+            for p in g.probes:
+                for binary, sem in p.companions:
+                    if (binary, sem) in done:
+                        continue
+                    done.add((binary, sem))
+                    if self.procmem is not None:
+                        self._raise_procmem(binary, sem, child)
+                        continue
+                    where = quiet_offset(self.resolver.image(binary))
+                    if where is None:
+                        continue
+                    label = f"{p.info.label} (companion semaphore)"
+                    fd = self.prog.load("apptrace_noop", multi=self.multi)
+                    if self.multi:
+                        self.prog.attach_multi(fd, binary, [where], [sem], [0], pid, False,
+                                               label)
+                    else:
+                        self.prog.attach_perf(fd, binary, where, pid, sem, False, label)
+
+    # -- kernel-side counters ----------------------------------------------------
+
+    def lost(self, g: Group) -> list[int]:
+        """Events the ring had no room for, per probe of the group."""
+        assert g.plan is not None
+        m = self.prog.map(f"{g.plan.name}_lost")
+        return [m.sum_u64(_U32.pack(pi)) for pi in range(len(g.probes))]
+
+    def fold_rows(self) -> list[tuple[Group, tuple[Any, ...], int]]:
+        """(group, (pid, probe, site, stack id, comm), count) for every counted stack."""
+        rows = []
+        for g in self.groups:
+            if g.fold and g.plan is not None:
+                counts = self.prog.map(f"{g.plan.name}_counts")
+                for key in list(counts.keys()):
+                    value = counts.lookup(key)
+                    if value is not None:
+                        rows.append((g, _FOLD_KEY.unpack(key), _U64.unpack_from(value)[0]))
+        return rows
+
+    def stack(self, g: Group, stack_id: int) -> tuple[int, ...]:
+        """The addresses of one stack the kernel counted."""
+        assert g.plan is not None
+        raw = self.prog.map(f"{g.plan.name}_stacks").lookup(_U32.pack(stack_id))
+        if raw is None:
+            return ()
+        return tuple(a for a in struct.unpack(f"<{len(raw) // 8}Q", raw) if a)
+
+    # -- teardown ------------------------------------------------------------------
+
+    def detach(self) -> None:
+        """Nothing fires after this; maps and rings stay readable."""
+        self.prog.detach()
+
+    def lower_semaphores(self) -> None:
+        if self.procmem is not None:
+            procmem, self.procmem = self.procmem, None
+            procmem.close()
+
+    def close(self) -> None:
+        """Lower procmem semaphores, close rings, detach, free programs and maps."""
+        try:
+            self.lower_semaphores()
+        finally:
+            for g in self.groups:
+                if g.ring is not None:
+                    g.ring.close()
+                    g.ring = None
+            self.prog.close()
