@@ -121,6 +121,7 @@ class Capture:
         self._multi = capabilities.has_uprobe_multi()
         self._queue: collections.deque[list[tuple[Any, ...]]] = collections.deque()
         self._queued_bytes = 0
+        self._in_hand = False
         self._cond = threading.Condition()
         self._drainer: Optional[threading.Thread] = None
         self._stop_drain = threading.Event()
@@ -338,12 +339,19 @@ class Capture:
                     time.sleep(self.poll_s * idle)
                     continue
                 idle = 0
-                recs = ring.drain()
-                if recs:
+                recs: list[tuple[Any, ...]] = []
+                size = 0
+                with self._cond:
+                    self._in_hand = True  # taken from the ring, not yet queued
+                try:
+                    recs = ring.drain()
                     size = sum(len(r[-1]) for r in recs if r[0] == DATA) + 64 * len(recs)
+                finally:
                     with self._cond:
-                        self._queue.append(recs)
-                        self._queued_bytes += size
+                        if recs:
+                            self._queue.append(recs)
+                            self._queued_bytes += size
+                        self._in_hand = False
                         self._cond.notify_all()
         except BaseException as err:  # noqa: BLE001 - surfaced by poll()
             self._drain_error = err
@@ -382,8 +390,10 @@ class Capture:
         return out
 
     def _drained(self) -> bool:
+        """Nothing left anywhere: not in the ring, not in the drain thread's hands,
+        not queued."""
         with self._cond:
-            return not self._queue and not self._ring.pending()
+            return not self._queue and not self._in_hand and not self._ring.pending()
 
     def items(self, duration: Optional[float] = None) -> Iterator[Item]:
         """Yield items until the target exits (a path target: until :meth:`stop`),
