@@ -17,11 +17,11 @@ _WHERE = {
                         "BinaryNotFoundError", "BpfError", "CommandNotFoundError", "ElfError",
                         "ElfNotFoundError", "ExpressionError", "GcLogError",
                         "JvmProbesMissingError", "KernelThreadError", "NoProbesError",
-                        "NotAJvmError", "OptionError", "OutputError", "ProbeNotFoundError",
+                        "NoTlsLibraryError", "NotAJvmError", "OptionError", "OutputError", "ProbeNotFoundError",
                         "ProbeSpecError",
                         "ProcessGoneError", "ProcessNotFoundError", "SemaphoreConflictError",
                         "SemaphoreError", "SessionStateError", "SpawnError",
-                        "SymbolizerError", "TracePermissionError"],
+                        "StrippedTlsError", "SymbolizerError", "TracePermissionError"],
     "apptrace.events": ["Event", "ProbeInfo", "Stats", "Unavailable"],
     "apptrace.probes": ["ProbeSpec", "parse_probe"],
     "apptrace.session": ["ProbeHandle", "Session"],
@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from apptrace.errors import JvmProbesMissingError as JvmProbesMissingError
     from apptrace.errors import KernelThreadError as KernelThreadError
     from apptrace.errors import NoProbesError as NoProbesError
+    from apptrace.errors import NoTlsLibraryError as NoTlsLibraryError
     from apptrace.errors import NotAJvmError as NotAJvmError
     from apptrace.errors import OptionError as OptionError
     from apptrace.errors import OutputError as OutputError
@@ -72,6 +73,7 @@ if TYPE_CHECKING:
     from apptrace.errors import SemaphoreError as SemaphoreError
     from apptrace.errors import SessionStateError as SessionStateError
     from apptrace.errors import SpawnError as SpawnError
+    from apptrace.errors import StrippedTlsError as StrippedTlsError
     from apptrace.errors import SymbolizerError as SymbolizerError
     from apptrace.errors import TracePermissionError as TracePermissionError
     from apptrace.events import Event as Event
