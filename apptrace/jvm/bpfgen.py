@@ -48,6 +48,7 @@ __all__ = ["render", "spec_rows", "SPEC_ARG", "MAX_SPECS", "RECORD", "MAX_POOLS"
            "HIST_BUCKETS", "HIST_SUB", "AGG_KEY", "AGG_VALUE",
            "NAME_KEY", "NAME_VALUE", "HEAP_KEY", "HEAP_VALUE", "PERF_VALUE", "COUNTERS",
            "KIND_PAUSE", "KIND_CYCLE", "F_FULL", "F_SP_SEEN", "F_DROPPED", "F_GC_SEEN",
+           "F_CAUSE_END",
            "PROBE_FUNCS", "bucket_of", "bucket_bounds"]
 
 MAX_POOLS = 32
@@ -67,16 +68,17 @@ F_ISGC = 1 << 5        # this operation collected (gc span or pool events)
 F_FULL = 1 << 6        # gc__begin's argument was 1
 F_SP_SEEN = 1 << 7     # the safepoint's begin and end are in the record
 F_DROPPED = 1 << 8     # more pools than MAX_POOLS
+F_CAUSE_END = 1 << 9   # causes read at the end: (sun.gc.cause, sun.gc.lastCause)
 
 # counters (per-CPU array slots)
 COUNTERS = ("ring_full", "no_state", "pools_dropped", "cycle_no_begin", "gc_end_unmatched",
             "agg_full", "names_full", "heap_full")
 
-# struct gc_rec: 7 u64 times, 8 u32, u64 manager, two 64-byte cause strings,
+# struct gc_rec: 7 u64 times, 8 u32, two u64 managers, two 64-byte cause strings,
 # then MAX_POOLS x struct pool (9 u64: manager, pool, init, max, used and
 # committed before, used and committed after, bit 0/1: before/after seen)
 POOL_FIELDS = 9
-RECORD = struct.Struct(f"<7Q8IQ64s64s{MAX_POOLS * POOL_FIELDS}Q")
+RECORD = struct.Struct(f"<7Q8I2Q64s64s{MAX_POOLS * POOL_FIELDS}Q")
 NAME_KEY = struct.Struct("<IIQ")        # pid, pad, pointer
 NAME_VALUE = struct.Struct("<Q64s")     # length, bytes
 PERF_VALUE = struct.Struct("<QQ")       # address of sun.gc.cause, sun.gc.lastCause
@@ -194,6 +196,7 @@ _COMMON = r"""
 #define F_FULL __F_FULL__
 #define F_SP_SEEN __F_SP_SEEN__
 #define F_DROPPED __F_DROPPED__
+#define F_CAUSE_END __F_CAUSE_END__
 #define C_RING_FULL 0
 #define C_NO_STATE 1
 #define C_POOLS_DROPPED 2
@@ -207,9 +210,9 @@ struct pool { u64 mgr, pool, init, max, used0, comm0, used1, comm1, have; };
 struct gc_rec {
     u64 sp_begin, sp_end, op_begin, op_end, gc_begin, gc_end, op_name;
     u32 pid, tid, flags, npool, ngc, nbegin, nend, kind;
-    u64 mgr;
+    u64 mgr, mgr2;
     char cause[64];
-    char lastcause[64];
+    char cause2[64];
     struct pool p[MAXP];
 };
 struct ckey { u64 mgr; u32 tid; u32 pad; };
@@ -262,6 +265,9 @@ static __always_inline void fresh(struct gc_rec *s, u64 id) {
     s->sp_begin = s->sp_end = s->op_begin = s->op_end = s->gc_begin = s->gc_end = 0;
     s->op_name = 0;
     s->mgr = 0;
+    s->mgr2 = 0;
+    s->cause[0] = 0;
+    s->cause2[0] = 0;
     s->nbegin = 0;
     s->nend = 0;
 }
@@ -288,14 +294,27 @@ static __always_inline struct pool *slot(struct gc_rec *s, u64 mgr, u64 pool, u3
     return p;
 }
 
-static __always_inline void read_cause(struct gc_rec *s) {
+/* The cause of the collection running now (sun.gc.cause): read as a memory
+   manager starts, because a collection nested in another (Parallel's full
+   after a scavenge) puts the outer one's cause back when it ends. */
+static __always_inline void cause_now(struct gc_rec *s, char *buf) {
+#ifdef GC_CAUSES
     struct paddr *pa = perf.lookup(&s->pid);
+    if (pa && pa->cause) bpf_probe_read_user_str(buf, 64, (void *)pa->cause);
+#endif
+}
+
+/* No memory manager reported (ZGC and Shenandoah pauses, cycles): the cause
+   at the end, and the last one (F_CAUSE_END tells the reader). */
+static __always_inline void cause_at_end(struct gc_rec *s) {
+    struct paddr *pa = perf.lookup(&s->pid);
+    s->flags |= F_CAUSE_END;
     s->cause[0] = 0;
-    s->lastcause[0] = 0;
+    s->cause2[0] = 0;
     if (!pa) return;
     if (pa->cause) bpf_probe_read_user_str(s->cause, sizeof(s->cause), (void *)pa->cause);
     if (pa->lastcause)
-        bpf_probe_read_user_str(s->lastcause, sizeof(s->lastcause), (void *)pa->lastcause);
+        bpf_probe_read_user_str(s->cause2, sizeof(s->cause2), (void *)pa->lastcause);
 }
 """
 
@@ -308,7 +327,7 @@ BPF_RINGBUF_OUTPUT(events, __PAGES__);
 BPF_ARRAY(progress, u64, 2);   /* 0: records written, 1: records read (user space) */
 
 static __always_inline void emit(struct gc_rec *s) {
-    read_cause(s);
+    if (s->kind == __KIND_CYCLE__ || !s->mgr) cause_at_end(s);
     u32 k0 = 0, k1 = 1;
     u64 *written = progress.lookup(&k0);
     u64 *read = progress.lookup(&k1);
@@ -511,6 +530,13 @@ static __always_inline int pool_event(struct pt_regs *ctx, u64 *a, int begin) {
         if (created) {
             remember(s->pid, a[0], a[1]);
             remember(s->pid, a[2], a[3]);
+            if (begin && !s->mgr) {
+                s->mgr = a[0];
+                cause_now(s, s->cause);
+            } else if (begin && a[0] != s->mgr && !s->mgr2) {
+                s->mgr2 = a[0];
+                cause_now(s, s->cause2);
+            }
         }
         if (!p) return 0;
         p->init = a[4];
@@ -590,12 +616,22 @@ def render(sites: dict[tuple[str, str], tuple[Site, ...]], *, aggregate: bool,
         "__F_SP__": str(F_SP), "__F_OP__": str(F_OP), "__F_OP_DONE__": str(F_OP_DONE),
         "__F_GC_OPEN__": str(F_GC_OPEN), "__F_GC_SEEN__": str(F_GC_SEEN),
         "__F_ISGC__": str(F_ISGC), "__F_FULL__": str(F_FULL), "__F_SP_SEEN__": str(F_SP_SEEN),
-        "__F_DROPPED__": str(F_DROPPED), "__KIND_PAUSE__": str(KIND_PAUSE),
+        "__F_DROPPED__": str(F_DROPPED), "__F_CAUSE_END__": str(F_CAUSE_END),
+        "__KIND_PAUSE__": str(KIND_PAUSE),
         "__KIND_CYCLE__": str(KIND_CYCLE), "__PAGES__": str(ring_pages),
         "__RING_RECORDS__": str(ring_pages * 4096 // (RECORD.size + 8)),
     }
-    text = header_c() + _READER + _COMMON + (
+    text = header_c() + ("" if aggregate else "#define GC_CAUSES 1\n") + _READER + _COMMON + (
         _AGGREGATE.replace("__DURATION__", DURATION_C) if aggregate else _EVENTS) + _HANDLERS
+    # The decoders stride records and keys by these layouts: a mismatch is a
+    # compile error, never misread data.
+    text += "".join(f'_Static_assert(sizeof(struct {c}) == {st.size}, "{c} layout");\n'
+                    for c, st in (("gc_rec", RECORD), ("nkey", NAME_KEY), ("nval", NAME_VALUE),
+                                  ("paddr", PERF_VALUE)))
+    if aggregate:
+        text += "".join(f'_Static_assert(sizeof(struct {c}) == {st.size}, "{c} layout");\n'
+                        for c, st in (("akey", AGG_KEY), ("aval", AGG_VALUE),
+                                      ("hkey", HEAP_KEY), ("hval", HEAP_VALUE)))
     cookies: dict[str, list[int]] = {}
     for c, (key, _si, _value) in enumerate(spec_rows(sites)):
         cookies.setdefault(PROBE_FUNCS[key], []).append(c)

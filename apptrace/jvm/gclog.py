@@ -265,12 +265,14 @@ def compare_with_log(pauses: Sequence[Any], log: GcLog, start_ns: int,
     causes_differ: list[tuple[str, str]] = []
     for i, lines in groups.items():
         p = traced[i]
-        for lp in lines:
+        causes = getattr(p, "causes", ()) or (p.cause,)
+        for j, lp in enumerate(lines):
+            traced_cause = causes[j] if j < len(causes) else causes[-1]
             if lp.cause is not None:
-                if lp.cause == p.cause:
+                if lp.cause == traced_cause:
                     causes_agree += 1
                 else:
-                    causes_differ.append((lp.cause, p.cause or ""))
+                    causes_differ.append((lp.cause, traced_cause or ""))
         first, last = lines[0], lines[-1]
         if first.heap_before is not None and last.heap_after is not None and \
                 p.heap_before is not None and p.heap_after is not None:

@@ -61,6 +61,10 @@ _NO_GC = ("", "No GC")
 _MAX_UNSET = (1 << 64) - 1
 
 
+def _text(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
 def is_heap_pool(name: str) -> bool:
     """Heap pools (Eden, Old Gen, ZHeap...) count in heap before/after; code
     cache and metaspace pools do not."""
@@ -110,6 +114,7 @@ class GcPause:
     pools: tuple[PoolUsage, ...]
     full_arg: bool = False        # gc__begin's own argument (unreliable on JDK 17)
     ttsp_ns: Optional[int] = None  # safepoint begin to the operation's start
+    causes: tuple[str, ...] = ()  # per collection, when a pause ran two (young, then full)
 
     type = "pause"
 
@@ -128,7 +133,7 @@ class GcPause:
                 "tid": self.tid, "end_ns": self.end_ns, "gc_ns": self.gc_ns,
                 "vm_op_ns": self.vm_op_ns, "ttsp_ns": self.ttsp_ns,
                 "managers": list(self.managers), "full_arg": self.full_arg,
-                "kind": self.kind}
+                "kind": self.kind, "causes": list(self.causes)}
 
 
 @dataclass(frozen=True)
@@ -634,10 +639,10 @@ class GcTracer:
         return name
 
     def _cause(self, pid: int, cause: bytes, last: bytes) -> Optional[str]:
-        now = cause.split(b"\0", 1)[0].decode("utf-8", "replace")
+        now = _text(cause)
         if now not in _NO_GC:
             return now
-        prev = last.split(b"\0", 1)[0].decode("utf-8", "replace")
+        prev = _text(last)
         if prev not in _NO_GC:
             return prev
         # The kernel had no address for this JVM (seen before we learnt of it):
@@ -656,8 +661,8 @@ class GcTracer:
 
     def _decode(self, att: _Attachment, rec: tuple[Any, ...]) -> Optional[GcEvent]:
         (sp_b, sp_e, op_b, op_e, gc_b, gc_e, op_name, pid, tid, flags, npool, _ngc, _nb, _ne,
-         kind, mgr, cause, last) = rec[:18]
-        raw_pools = rec[18:]
+         kind, mgr, _mgr2, cause, cause2) = rec[:19]
+        raw_pools = rec[19:]
         begin = sp_b or op_b or gc_b
         if kind == bpfgen.KIND_PAUSE and not (flags & bpfgen.F_SP_SEEN):
             begin = op_b or gc_b
@@ -676,7 +681,13 @@ class GcTracer:
                                    u0 if have & 1 else None, c0 if have & 1 else None,
                                    u1 if have & 2 else None, c1 if have & 2 else None))
         heap_before, heap_after, _ = heap_usage(pools)
-        why = self._cause(pid, cause, last)
+        causes: tuple[str, ...] = ()
+        if flags & bpfgen.F_CAUSE_END:
+            why = self._cause(pid, cause, cause2)
+        else:
+            # one cause per collection, read as each memory manager began
+            causes = tuple(c for c in (_text(cause), _text(cause2)) if c not in _NO_GC)
+            why = causes[0] if causes else self._cause(pid, b"", b"")
         for p in pools:
             if p.used_after is not None:
                 self._heap_after[(pid, p.name)] = (p.manager, p.used_after,
@@ -707,7 +718,8 @@ class GcTracer:
         return GcPause(begin, end, pid, tid, vm_op, manager, tuple(managers), full, duration,
                        sp_ns, gc_ns, op_ns, why, heap_before, heap_after, tuple(pools),
                        bool(flags & bpfgen.F_FULL),
-                       op_b - sp_b if sp_ns is not None and op_b >= sp_b else None)
+                       op_b - sp_b if sp_ns is not None and op_b >= sp_b else None,
+                       causes or ((why,) if why else ()))
 
     # -- statistics ---------------------------------------------------------------
 
@@ -896,7 +908,8 @@ def heap_text(ev: GcEvent) -> str:
 def format_event(ev: GcEvent, clock: str = "") -> str:
     """One line per pause or cycle, like a GC log line (``clock``: its time,
     as the caller wants it shown)."""
-    cause = f" ({ev.cause})" if ev.cause else ""
+    causes = list(dict.fromkeys(getattr(ev, "causes", ()) or ((ev.cause,) if ev.cause else ())))
+    cause = f" ({'; '.join(causes)})" if causes else ""
     heap = heap_text(ev)
     heap = f" {heap}" if heap else ""
     head = f"{clock} " if clock else ""
