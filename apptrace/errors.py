@@ -8,7 +8,10 @@ works for callers who do not know apptrace.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time
+if TYPE_CHECKING:
+    from typing import Any, Optional
+
 
 __all__ = [
     "ApptraceError",

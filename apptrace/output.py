@@ -17,9 +17,12 @@ import errno as _errno
 import os
 import stat
 import struct
-from typing import IO, Any, Optional, TextIO
 
 from apptrace.errors import OutputError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time
+if TYPE_CHECKING:
+    from typing import IO, Any, Optional, TextIO
 
 __all__ = ["open_private", "open_output", "escape_text", "TextOutput", "EscapingWriter",
            "replace_private", "read_regular"]

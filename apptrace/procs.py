@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import dataclass
-from typing import Optional
 
 from apptrace.errors import (
     BinaryNotFoundError,
@@ -22,6 +21,10 @@ from apptrace.errors import (
     SpawnError,
     TracePermissionError,
 )
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time
+if TYPE_CHECKING:
+    from typing import Optional
 
 __all__ = ["ProcessRef", "Mapping", "read_maps", "resolve_binary", "mapped_objects",
            "proc_stat", "start_ticks", "check_executable", "TERMINATING_SIGNALS"]

@@ -17,7 +17,6 @@ import importlib
 import os
 import signal
 import sys
-from typing import Any, Optional, Sequence
 
 from apptrace.cli.base import (
     Command,
@@ -27,6 +26,10 @@ from apptrace.cli.base import (
     say,
 )
 from apptrace.errors import ApptraceError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time
+if TYPE_CHECKING:
+    from typing import Any, Optional, Sequence
 
 __all__ = ["main", "Command", "CommandError", "COMMANDS"]
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import signal
 import sys
-from typing import Any, Callable, Iterator, Optional, TextIO
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time
+if TYPE_CHECKING:
+    from typing import Any, Callable, Iterator, Optional, TextIO
 
 
 class CommandError(Exception):
@@ -32,6 +34,8 @@ class Command:
 
 def print_json(obj: Any, out: Optional[TextIO] = None) -> None:
     """One compact JSON document and a newline, in a single write."""
+    import json  # here: only --json output needs it
+
     (out or sys.stdout).write(json.dumps(obj, separators=(",", ":")) + "\n")
 
 

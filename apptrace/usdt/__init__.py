@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
-
 from apptrace.errors import ElfError, NoProbesError
 from apptrace.procs import ProcessRef, mapped_objects, resolve_binary
 from apptrace.usdt.args import Argument, parse_argument, parse_arguments
 from apptrace.usdt.notes import ElfImage, Probe, Site, read_probes
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time
+if TYPE_CHECKING:
+    from typing import Iterable, Optional
 
 __all__ = [
     "Argument",

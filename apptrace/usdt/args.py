@@ -19,7 +19,10 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Optional
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time
+if TYPE_CHECKING:
+    from typing import Any, Callable, Optional
 
 __all__ = [
     "Argument",
@@ -343,7 +346,9 @@ def _fit(raw: int, size: int, signed: bool) -> int:
     return v
 
 
-SymbolResolver = Callable[[str], "tuple[Optional[int], Optional[str]]"]
+if TYPE_CHECKING:
+    # resolve(name) -> (vaddr, error)
+    SymbolResolver = Callable[[str], "tuple[Optional[int], Optional[str]]"]
 
 
 def parse_arguments(text: str, resolve: Optional[SymbolResolver] = None) -> list[Argument]:

@@ -20,10 +20,13 @@ import os
 import stat
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Iterator, NamedTuple, Optional
 
 from apptrace.errors import ElfError, ElfNotFoundError, NoProbesError
 from apptrace.usdt.args import Argument, parse_arguments
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time
+if TYPE_CHECKING:
+    from typing import Any, Iterator, Optional
 
 __all__ = ["Site", "Probe", "ElfImage", "read_probes", "group_sites"]
 
@@ -43,14 +46,15 @@ _EM_NAMES = {3: "EM_386", 8: "EM_MIPS", 20: "EM_PPC", 21: "EM_PPC64", 22: "EM_S3
              258: "EM_LOONGARCH"}
 
 
-class _Section(NamedTuple):
-    name: str
-    type: int
-    addr: int
-    offset: int
-    size: int
-    link: int
-    number: int
+class _Section:
+    """One section header, as far as the readers here use it."""
+
+    __slots__ = ("name", "type", "addr", "offset", "size", "link", "number")
+
+    def __init__(self, name: str, type: int, addr: int, offset: int, size: int, link: int,
+                 number: int) -> None:
+        self.name, self.type, self.addr, self.offset = name, type, addr, offset
+        self.size, self.link, self.number = size, link, number
 
 
 @dataclass(frozen=True)

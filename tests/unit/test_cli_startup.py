@@ -11,17 +11,19 @@ from pathlib import Path
 import pytest
 
 # Loaded by other commands or on demand, never to list probes of a file.
-NOT_FOR_LISTING = ["elftools", "psutil", "shutil", "cffi", "bcc", "ctypes",
+NOT_FOR_LISTING = ["elftools", "psutil", "shutil", "typing", "cffi", "bcc", "ctypes",
                    "apptrace.session", "apptrace.bpf", "apptrace.symbolize", "apptrace.stacks",
                    "apptrace.codegen", "apptrace.cli.trace", "apptrace.cli.doctor",
                    "apptrace.cli.jvm", "apptrace.cli.semaphores"]
 
 PROBE = """
-import json, sys
+import sys
 from apptrace.cli import main
 rc = main(sys.argv[1:])
 sys.stdout.flush()
-print(json.dumps({"rc": rc, "modules": sorted(sys.modules)}), file=sys.stderr)
+modules = sorted(sys.modules)
+import json
+print(json.dumps({"rc": rc, "modules": modules}), file=sys.stderr)
 """
 
 
@@ -40,6 +42,7 @@ def test_usdt_list_imports_only_what_listing_needs(fixtures_dir: Path, fmt: list
     loaded = [m for m in NOT_FOR_LISTING
               if m in modules or any(n.startswith(m + ".") for n in modules)]
     assert loaded == []
+    assert ("json" in modules) == bool(fmt)  # only --json needs it
 
 
 def test_version_and_help_still_see_every_command() -> None:
