@@ -25,9 +25,9 @@ class SslCommand(Command):
     records with increasing offsets. Output files are created mode 0600.
 
     Examples:
-      apptrace ssl -p 1234
+      apptrace ssl -p PID -d 3
       apptrace ssl -- curl -sk https://127.0.0.1:8443/
-      apptrace ssl --format jsonl -o tls.jsonl -p 1234 -d 30
+      apptrace ssl --format jsonl -o tls.jsonl -p PID -d 3
       apptrace ssl --format pcapng -o tls.pcapng -- python3 client.py
     """
 
