@@ -85,13 +85,15 @@ class Capture:
     becomes a ``max-bytes`` gap; default: everything). ``keep``: remember
     every item so :meth:`stream` can reassemble a connection direction.
     ``command_stdout``: where a spawned command's standard output goes.
+    ``multi``: force uprobe_multi links on or off (default: when the kernel
+    has them; without, one perf-event uprobe per function).
     """
 
     def __init__(self, *, pid: Optional[int] = None, path: Optional[str] = None,
                  command: Optional[Sequence[str]] = None, ring_mb: int = 32,
                  max_bytes: Optional[int] = None, keep: bool = False,
                  command_stdout: Any = None, backlog_mb: int = 512,
-                 rescan_s: float = 1.0) -> None:
+                 rescan_s: float = 1.0, multi: Optional[bool] = None) -> None:
         if not isinstance(ring_mb, int) or not 1 <= ring_mb <= 4096:
             raise OptionError("ring_mb", ring_mb, "an integer from 1 to 4096")
         if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 1):
@@ -118,7 +120,7 @@ class Capture:
         self._prog_fds: dict[tuple[str, bool], int] = {}
         self._attached: set[tuple[int, int]] = set()
         self._inspected: set[tuple[int, int]] = set()  # files looked at for TLS
-        self._multi = capabilities.has_uprobe_multi()
+        self._multi = capabilities.has_uprobe_multi() if multi is None else multi
         self._queue: collections.deque[list[tuple[Any, ...]]] = collections.deque()
         self._queued_bytes = 0
         self._in_hand = False

@@ -649,3 +649,13 @@ def test_two_connections_in_one_thread_stay_apart(servers: Any) -> None:
             not in wrote.data
         read = cap.stream(conn, "read")
         assert (len(read.data), read.sha256()) == peer["sent"]
+
+
+def test_without_uprobe_multi(fixtures_dir: Path, servers: Any) -> None:
+    """Kernels before 6.6: one perf-event uprobe per function, no attach cookies."""
+    srv = servers("tls_openssl")
+    cap, items, mine = _capture_client(fixtures_dir, "tls_openssl_ex", srv, SMALL, "peek",
+                                       multi=False)
+    _assert_exact(cap, items, mine, srv.totals(), srv)
+    assert {c.func for c in items if isinstance(c, Chunk)} == \
+        {"SSL_write_ex", "SSL_read_ex", "SSL_peek_ex"}
