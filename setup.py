@@ -77,10 +77,15 @@ def fetch_crate(version: str) -> Path:
         '[package]\nname = "apptrace-blazesym-fetch"\nversion = "0.0.0"\n'
         'edition = "2021"\npublish = false\n\n[lib]\npath = "src/lib.rs"\n\n'
         f'[dependencies]\n{CRATE} = "={version}"\n', encoding="utf-8")
-    out = subprocess.run(
-        [os.environ.get("CARGO", "cargo"), "metadata", "--format-version", "1",
-         "--manifest-path", str(fetch / "Cargo.toml")],
-        check=True, stdout=subprocess.PIPE).stdout
+    try:
+        out = subprocess.run(
+            [os.environ.get("CARGO", "cargo"), "metadata", "--format-version", "1",
+             "--manifest-path", str(fetch / "Cargo.toml")],
+            check=True, stdout=subprocess.PIPE).stdout
+    except subprocess.CalledProcessError as err:
+        raise RuntimeError(
+            f"cargo could not get {CRATE} {version} (its message is above): the build"
+            " downloads it from the Rust crate registry once, then works offline") from err
     for pkg in json.loads(out)["packages"]:
         if pkg["name"] == CRATE and pkg["version"] == version:
             return Path(pkg["manifest_path"])
