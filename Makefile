@@ -11,9 +11,14 @@ STAMPS := $(BUILD)/stamps
 PIP_EDITABLE = $(PY) -m pip install -q --disable-pip-version-check -e '.[test]' \
 	--config-settings editable_mode=compat  # a .pth path: no import hook at start-up
 
-.PHONY: setup system venv fixtures blazesym wheel test test-unit demo bench lint clean blazepack mutate
+.PHONY: setup system venv fixtures blazesym prepare wheel test test-unit demo bench lint clean blazepack mutate
 
-setup: system venv fixtures blazesym blazepack
+setup: system venv fixtures blazesym blazepack prepare
+
+# The generic BPF programs compiled into the compile cache (~10 s once; then a
+# no-op): a first trace of any probe strings then starts without clang.
+prepare: venv
+	@$(VENV)/bin/apptrace prepare -q
 
 system:
 	@bash scripts/setup-system.sh

@@ -23,7 +23,7 @@ import re
 import struct
 import sys
 import tempfile
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from apptrace.bpfobj import (
     BPF_PROG_TYPE_RAW_TRACEPOINT,
@@ -53,7 +53,7 @@ from apptrace.syscall import (
     has_trace_privileges,
 )
 
-__all__ = ["import_bcc", "Program", "compile_c", "self_test", "attach_uprobe_perf",
+__all__ = ["import_bcc", "Program", "compile_c", "ensure_compiled", "self_test", "attach_uprobe_perf",
            "attach_uprobe_multi"]
 
 _bcc: Any = None
@@ -240,6 +240,15 @@ _MAP_ERRNOS = {_errno.E2BIG: "Argument list too long", _errno.ENOMEM: "Cannot al
                _errno.EINVAL: "Invalid argument", _errno.EPERM: "Operation not permitted"}
 
 
+def ensure_compiled(text: str) -> bool:
+    """Compile ``text`` into the cache unless it is there; True if bcc ran."""
+    key = cache_key(text, _compiler_id())
+    if cache_get(key) is not None:
+        return False
+    cache_put(key, compile_c(text))
+    return True
+
+
 class Program:
     """Our generated C as loaded programs and maps, plus everything attached to them.
 
@@ -247,14 +256,15 @@ class Program:
     before on this kernel, else from bcc (and is then cached).
     """
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, *, sizes: Optional[dict[str, int]] = None,
+                 shared: Optional[dict[str, BpfMap]] = None) -> None:
         key = cache_key(text, _compiler_id())
         obj = cache_get(key)
         self.from_cache = obj is not None
         if obj is None:
             obj = compile_c(text)
             cache_put(key, obj)
-        self.obj = LoadedObject(obj)
+        self.obj = LoadedObject(obj, sizes=sizes, shared=shared)
         self._fds: list[int] = []
         self._evnames: list[bytes] = []
 

@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import struct
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
@@ -203,14 +204,27 @@ class BpfMap:
 
 
 class LoadedObject:
-    """Maps created and programs loaded from a :class:`CompiledObject`."""
+    """Maps created and programs loaded from a :class:`CompiledObject`.
 
-    def __init__(self, obj: CompiledObject) -> None:
+    ``sizes`` overrides maps' ``max_entries`` (the C only sets placeholders
+    when one compiled object serves many sizes); ``shared`` gives a map
+    another object already created (its fd is used, not closed here).
+    """
+
+    def __init__(self, obj: CompiledObject, *, sizes: Optional[dict[str, int]] = None,
+                 shared: Optional[dict[str, BpfMap]] = None) -> None:
         self.obj = obj
         self.maps: dict[str, BpfMap] = {}
         self._prog_fds: list[int] = []
+        self._borrowed: set[str] = set()
         try:
             for spec in obj.maps:
+                if shared and spec.name in shared:
+                    self.maps[spec.name] = shared[spec.name]
+                    self._borrowed.add(spec.name)
+                    continue
+                if sizes and spec.name in sizes:
+                    spec = dataclasses.replace(spec, max_entries=sizes[spec.name])
                 self.maps[spec.name] = BpfMap(spec, self._create_map(spec))
         except BaseException:
             self.close()
@@ -271,8 +285,9 @@ class LoadedObject:
         for fd in self._prog_fds:
             os.close(fd)
         self._prog_fds.clear()
-        for m in self.maps.values():
-            os.close(m.fd)
+        for name, m in self.maps.items():
+            if name not in self._borrowed:
+                os.close(m.fd)
         self.maps.clear()
 
 

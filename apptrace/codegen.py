@@ -28,8 +28,8 @@ from typing import Optional
 
 from apptrace.usdt.args import Argument
 
-__all__ = ["ArgRead", "GroupPlan", "HEADER", "render", "header_c", "table_row", "TASK_HOOKS",
-           "GATE"]
+__all__ = ["ArgRead", "GroupPlan", "HEADER", "render", "reader_c", "render_base", "render_generic",
+           "header_c", "table_row", "table_strings", "TASK_HOOKS", "GATE"]
 
 # struct apptrace_hdr: ts, pid(tgid), tid, probe, site, flags, nstack, comm
 HEADER = struct.Struct("<QIIIIIi16s")
@@ -181,6 +181,7 @@ static __always_inline void {n}_arg(struct pt_regs *ctx, struct apptrace_arg *a,
         if (a->index != {NO_REG}) addr += apptrace_reg(ctx, a->index) * a->scale;
         if (bpf_probe_read_user(&v, size, (void *)addr)) e->h.flags |= 1u << i;
     }} else {{
+        e->a[i] = 0;
         return;
     }}
     u32 bits = (64 - 8 * size) & 0x3f;
@@ -193,6 +194,59 @@ static __always_inline void {n}_table(struct pt_regs *ctx, u32 reader, struct {n
 #pragma unroll
     for (u32 i = 0; i < {nargs}; i++)
         {n}_arg(ctx, &sp->a[i], i, e);
+}}""" + (_render_table_strings(g) if g.nstr else "")
+
+
+# struct apptrace_str modes: what a string slot holds.
+STR_NONE, STR_NUL, STR_LEN, STR_BYTES = 0, 1, 2, 3
+
+
+def table_strings(reads: tuple[ArgRead, ...], nstr: int) -> list[tuple[int, int, int, int]]:
+    """The string slots of one reader, for a table-driven group:
+    (mode, argument, length argument, byte count) per slot."""
+    rows = [(STR_NONE, 0, 0, 0)] * nstr
+    for i, r in enumerate(reads[:MAX_TABLE_ARGS]):
+        if r.str_slot < 0 or r.str_slot >= nstr:
+            continue
+        if r.str_bytes:
+            rows[r.str_slot] = (STR_BYTES, i, 0, r.str_bytes)
+        elif r.str_len_arg >= 0:
+            rows[r.str_slot] = (STR_LEN, i, r.str_len_arg, 0)
+        else:
+            rows[r.str_slot] = (STR_NUL, i, 0, 0)
+    return rows
+
+
+def _render_table_strings(g: GroupPlan) -> str:
+    """Strings for a table-driven group: each slot says which argument points
+    to the bytes and how many to copy, like :func:`_read_str` generates."""
+    n = g.name
+    size = g.str_max
+    return f"""
+struct {n}_strspec {{ struct {{ u8 mode; u8 arg; u8 len_arg; u8 pad; u32 bytes; }} s[{g.nstr}]; }};
+BPF_ARRAY({n}_strs, struct {n}_strspec, {max(len(g.readers), 1)});
+static __always_inline void {n}_table_strs(u32 reader, struct {n}_ev *e) {{
+    struct {n}_strspec *sp = {n}_strs.lookup(&reader);
+    if (!sp) return;
+#pragma unroll
+    for (u32 j = 0; j < {g.nstr}; j++) {{
+        u32 mode = sp->s[j].mode, i = sp->s[j].arg, k = sp->s[j].len_arg;
+        if (mode == {STR_NONE} || i >= {max(g.nargs, 1)} || k >= {max(g.nargs, 1)}) continue;
+        if (e->h.flags & (1u << i)) continue;
+        void *src = (void *)e->a[i];
+        if (mode == {STR_NUL}) {{
+            int r = bpf_probe_read_user_str(e->s[j], {size}, src);
+            if (r < 0) e->h.flags |= 1u << i;
+            else if (r >= {size}) e->h.flags |= 1u << ({FLAG_STR_TRUNC_SHIFT} + j);
+            continue;
+        }}
+        u64 len = mode == {STR_BYTES} ? sp->s[j].bytes : e->a[k];
+        if (mode == {STR_LEN} && (e->h.flags & (1u << k))) continue;
+        if ((s64)len < 0) {{ e->h.flags |= 1u << i; continue; }}
+        asm volatile("" : "+r"(len));
+        if (len > {size}) {{ len = {size}; e->h.flags |= 1u << ({FLAG_STR_TRUNC_SHIFT} + j); }}
+        if (len > 0 && bpf_probe_read_user(e->s[j], len, src)) e->h.flags |= 1u << i;
+    }}
 }}"""
 
 
@@ -286,6 +340,16 @@ def _read_str(i: int, r: ArgRead) -> str:
 
 
 
+def reader_c(reads: tuple[ArgRead, ...], site_vaddr: int) -> str:
+    """The C statements that read one site's arguments, for a probe family's
+    own record: they set ``e->a[i]`` and string slots ``e->s[j]``, and flag
+    faults and cut strings in ``e->h.flags``, where ``e`` points to any struct
+    with those members; ``ctx`` and a ``u64 v`` must be in scope. (The event
+    path of :func:`render` generates the same statements.)"""
+    return "\n        ".join([_read_one(i, r, site_vaddr) for i, r in enumerate(reads)]
+                             + [_read_str(i, r) for i, r in enumerate(reads) if r.str_slot >= 0])
+
+
 def _entries(g: GroupPlan) -> str:
     out = []
     if g.multi:
@@ -374,6 +438,27 @@ GATE = _GATE = f"""    u64 id = bpf_get_current_pid_tgid();
     if (held && *held == (id >> 32)) return 0;"""
 
 
+def render_base(*, hold_at_entry: bool = False) -> str:
+    """The session's own programs, apart from any group: the rename and exec
+    hooks (with the control map every group shares), the entry hold, the
+    no-op that carries a companion semaphore."""
+    return render([], hold_at_entry=hold_at_entry)
+
+
+def render_generic(plan: GroupPlan) -> str:
+    """One group's program whose C depends only on its shape (argument count,
+    string slots and size, stack depth, fold): sites, argument layouts, ring
+    size and probe count are data filled in at load time. So a probe string
+    never seen before loads bytecode compiled for any other of its shape,
+    with no compiler run.
+
+    Map sizes here are placeholders: the loader sets ``g0_rb``, ``g0_lost``,
+    ``g0_specs`` and ``g0_strs`` to the group's real sizes.
+    """
+    assert plan.multi and (plan.table or plan.fold or plan.nargs == 0)
+    return render([plan])
+
+
 def render(plans: list[GroupPlan], *, hold_at_entry: bool = False) -> str:
     """The whole C source for a session."""
     out = [header_c(), TASK_HOOKS]
@@ -404,6 +489,8 @@ def render(plans: list[GroupPlan], *, hold_at_entry: bool = False) -> str:
         elif g.table:
             out.append(_render_table_reader(g))
             dispatch = f"    {n}_table(ctx, ck & 0xffff, e);"
+            if g.nstr:
+                dispatch += f"\n    {n}_table_strs(ck & 0xffff, e);"
         else:
             for rid, (reads, vaddr) in enumerate(g.readers):
                 body = "\n        ".join([_read_one(i, r, vaddr) for i, r in enumerate(reads)]

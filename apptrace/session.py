@@ -121,6 +121,7 @@ class Session:
         self._lock = threading.RLock()
         self._state = "new"
         self.attach_seconds = 0.0
+        self.compiled_programs = 0  # how many bcc compiled at start (0: all from the cache)
         self._final_stats: Optional[Stats] = None
         self._folded_final: dict[str, int] = {}
         self._final_warnings: list[str] = []
@@ -191,6 +192,7 @@ class Session:
                 self._groups, self._resolver, multi=self.multi, str_max=self.str_max,
                 stack_depth=self.stack_depth, ringbuf_kb=self.ringbuf_kb,
                 arg_tables=self.arg_tables, hold_at_entry=child is not None and stacks)
+            self.compiled_programs = program.compiled
             program.attach(target.pid, child, semaphores=self.semaphore_mode)
             self._stream = self._make_stream()
             if stacks:

@@ -44,6 +44,7 @@ REGISTRY: list[tuple[str, str, str]] = [
     ("semaphores", "apptrace.cli.semaphores", "SemaphoresCommand"),
     ("jvm gc", "apptrace.cli.jvm", "JvmGcCommand"),
     ("ssl", "apptrace.cli.ssl", "SslCommand"),
+    ("prepare", "apptrace.cli.prepare", "PrepareCommand"),
 ]
 
 

@@ -132,9 +132,10 @@ class ArgDecoder:
         plan = g.plan
         assert plan is not None
         nh = HEADER_FIELDS
-        nargs = plan.nargs
+        nargs = plan.nargs       # argument words in the record (padded to a shape)
         has_str = plan.nstr > 0
         end = nh + nargs
+        own = nh + g.nargs       # the probe string's own arguments
         stack_base = end + (1 if has_str else 0)
         stack_depth = plan.stack_depth
         probes = g.probes
@@ -167,7 +168,7 @@ class ArgDecoder:
                 args, truncated = self._slow_args(probes[pidx], site, raw,
                                                   rec[end] if has_str else b"", flags)
             elif direct:
-                args = rec[nh:end]
+                args = rec[nh:own]
             else:
                 args = tuple([f(v) if f else v for f, v in zip(fns, rec[nh:])])
             stack_ips = None

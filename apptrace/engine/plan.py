@@ -123,9 +123,11 @@ class Group:
         if not signs:
             return record
         cut = len(HEADER.format)
-        rest = record.format[cut + len(f"{self.nargs}Q"):]
+        layout = self.plan.nargs  # a generic program's record may pad the arguments
+        rest = record.format[cut + len(f"{layout}Q"):]
+        pad = "Q" * (layout - len(signs))
         return struct.Struct(record.format[:cut] + "".join("q" if x else "Q" for x in signs)
-                             + rest)
+                             + pad + rest)
 
 
 def cookie(probe: int, site: int, reader: int) -> int:

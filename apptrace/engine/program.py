@@ -14,7 +14,7 @@ A probe family with its own C uses :class:`apptrace.bpf.Program` directly
 from __future__ import annotations
 
 import struct
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from apptrace.bpf import Program
 from apptrace.codegen import (
@@ -24,7 +24,10 @@ from apptrace.codegen import (
     MAX_TABLE_ARGS,
     GroupPlan,
     render,
+    render_base,
+    render_generic,
     table_row,
+    table_strings,
 )
 from apptrace.engine.attach import Resolver, quiet_offset
 from apptrace.engine.plan import PROBE_AT, Group, cookie
@@ -34,11 +37,18 @@ from apptrace.options import check_event_fits
 from apptrace.ringbuf import RingReader
 from apptrace.semaphores import ProcMemSemaphores
 
-__all__ = ["TraceProgram", "TaskHooks", "ring_pages", "TABLE_THRESHOLD"]
+__all__ = ["TraceProgram", "TaskHooks", "ring_pages", "prepare", "generic_shapes",
+           "TABLE_THRESHOLD"]
 
 TABLE_THRESHOLD = 16  # argument layouts in one group before specs go in a map
 RING_BUDGET_KB = 32 * 1024   # split across probe strings unless a size is given
 _SPEC_ARG = struct.Struct("<BBBBHHqQ")  # struct apptrace_arg
+_STR_SPEC = struct.Struct("<BBBxI")     # one slot of struct gN_strspec
+# Shapes a generic group program is compiled for: a group's argument and
+# string-slot counts round up to these, so a few compiled objects serve
+# every probe string (the padding costs a skipped table entry per hit).
+NARGS_SHAPES = (0, 4, 8, 12)
+NSTR_SHAPES = (0, 1, 2, 4, 8, 12)
 _FOLD_KEY = struct.Struct("<IIIi16s")   # struct gN_key: pid, probe, site, stack id, comm
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -51,6 +61,37 @@ def ring_pages(rings: int, ringbuf_kb: Optional[int] = None) -> int:
     kb = ringbuf_kb or min(16 * 1024, max(1024, RING_BUDGET_KB // max(rings, 1)))
     pages = max(1, kb * 1024 // 4096)
     return 1 << (pages - 1).bit_length()
+
+
+def generic_shapes(*, str_size: int = 64, stack_depth: int = 32) -> list[str]:
+    """The C of every common generic program: the session base (with and
+    without the entry hold), each argument shape with 0, 1 or 2 strings, with
+    and without stacks, and stack folding."""
+    texts = [render_base(hold_at_entry=False), render_base(hold_at_entry=True)]
+    for nargs in NARGS_SHAPES:
+        for nstr in (0, 1, 2):
+            for stack in (0, stack_depth):
+                texts.append(render_generic(GroupPlan(0, nargs, nstr, str_size, stack, 1, 1,
+                                                      [], multi=True, table=nargs > 0)))
+    texts.append(render_generic(GroupPlan(0, 0, 0, str_size, stack_depth, 1, 1, [],
+                                          multi=True, fold=True)))
+    return texts
+
+
+def prepare(progress: Optional[Callable[[int, int, bool], None]] = None) -> tuple[int, int]:
+    """Compile the common generic programs into the compile cache, so that
+    later traces (any probe strings of those shapes) never wait for clang.
+    Returns (compiled now, already cached); ``progress(i, n, compiled)``."""
+    from apptrace.bpf import ensure_compiled
+
+    texts = generic_shapes()
+    done = 0
+    for i, text in enumerate(texts):
+        compiled = ensure_compiled(text)
+        done += compiled
+        if progress is not None:
+            progress(i + 1, len(texts), compiled)
+    return done, len(texts) - done
 
 
 class TaskHooks:
@@ -84,48 +125,104 @@ class TraceProgram:
     def __init__(self, groups: list[Group], resolver: Resolver, *, multi: bool,
                  str_max: int, stack_depth: int, ringbuf_kb: Optional[int],
                  arg_tables: Optional[bool], hold_at_entry: bool = False) -> None:
+        """Each group is its own generic program (its C depends only on its
+        shape, so it comes from the compile cache whatever the probes) when
+        the kernel has uprobe_multi, unless ``arg_tables=False`` asks for
+        generated readers; the others share one generated program."""
         self.groups = groups
         self.resolver = resolver
         self.multi = multi
         self.hold_at_entry = hold_at_entry
-        plans = []
-        pages = ring_pages(sum(1 for g in groups if not g.fold), ringbuf_kb)
-        for g in groups:
-            stack = stack_depth if g.spec.stack else 0
-            g.str_size = (max(str_max, g.str_size) + 7) & ~7
-            plan = GroupPlan(g.gid, g.nargs, g.nstr, g.str_size, stack, pages, len(g.probes),
-                             g.reader_plans, multi=multi, fold=g.fold)
-            tables_ok = g.nstr == 0 and 0 < g.nargs <= MAX_TABLE_ARGS and not plan.fold
-            plan.table = tables_ok and (len(g.reader_plans) > TABLE_THRESHOLD
-                                        if arg_tables is None else arg_tables)
-            if not multi:
-                plan.site_cookies = sorted({cookie(pi, si, s.reader)
-                                            for pi, p in enumerate(g.probes)
-                                            for si, s in enumerate(p.sites)})
-            if not plan.fold:
-                check_event_fits(plan.event_struct().size, plan.ringbuf_pages * 4096)
-            g.plan = plan
-            plans.append(plan)
-        self.prog = Program(render(plans, hold_at_entry=hold_at_entry))
-        self.hooks = TaskHooks(self.prog)
         self.procmem: Optional[ProcMemSemaphores] = None
         self._procmem_later: list[tuple[str, int]] = []  # a held command's, after exec
-        for plan in plans:
-            if plan.table:
-                self._fill_specs(plan)
+        self.base = Program(render_base(hold_at_entry=hold_at_entry))
+        self.hooks = TaskHooks(self.base)
+        self._progs: dict[int, tuple[Program, str]] = {}  # gid -> (program, map prefix)
+        self.compiled = 0  # programs bcc had to compile (the rest came from the cache)
+        self.compiled += not self.base.from_cache
+        shared = {"apptrace_ctl": self.base.map("apptrace_ctl")}
+        try:
+            legacy = []
+            pages = ring_pages(sum(1 for g in groups if not g.fold), ringbuf_kb)
+            for g in groups:
+                stack = stack_depth if g.spec.stack else 0
+                g.str_size = (max(str_max, g.str_size) + 7) & ~7
+                plan = GroupPlan(g.gid, g.nargs, g.nstr, g.str_size, stack, pages,
+                                 len(g.probes), g.reader_plans, multi=multi, fold=g.fold)
+                generic = multi and arg_tables is not False and g.nargs <= MAX_TABLE_ARGS
+                if generic and not g.fold:
+                    plan.nargs = min(n for n in NARGS_SHAPES if n >= g.nargs)
+                    plan.nstr = min(n for n in NSTR_SHAPES if n >= g.nstr)
+                    plan.table = plan.nargs > 0
+                else:
+                    tables_ok = g.nstr == 0 and 0 < g.nargs <= MAX_TABLE_ARGS and not g.fold
+                    plan.table = tables_ok and (len(g.reader_plans) > TABLE_THRESHOLD
+                                                if arg_tables is None else arg_tables)
+                if not multi:
+                    plan.site_cookies = sorted({cookie(pi, si, s.reader)
+                                                for pi, p in enumerate(g.probes)
+                                                for si, s in enumerate(p.sites)})
+                if not plan.fold:
+                    check_event_fits(plan.event_struct().size, plan.ringbuf_pages * 4096)
+                g.plan = plan
+                if generic:
+                    self._progs[g.gid] = (self._generic(plan, shared), "g0")
+                else:
+                    legacy.append(plan)
+            if legacy:
+                prog = Program(render(legacy), shared=shared)
+                self.compiled += not prog.from_cache
+                for plan in legacy:
+                    self._progs[plan.gid] = (prog, plan.name)
+            for g in groups:
+                assert g.plan is not None
+                if g.plan.table:
+                    self._fill_specs(g)
+        except BaseException:
+            self.close()
+            raise
+
+    def _generic(self, plan: GroupPlan, shared: dict[str, Any]) -> Program:
+        """The group's program from its shape alone; real sizes set at load."""
+        shape = GroupPlan(0, plan.nargs, plan.nstr, plan.str_max, plan.stack_depth, 1, 1,
+                          [], multi=True, fold=plan.fold, table=plan.table,
+                          stack_entries=plan.stack_entries)
+        n = max(len(plan.readers), 1)
+        prog = Program(render_generic(shape), shared=shared,
+                       sizes={"g0_rb": plan.ringbuf_pages * 4096,
+                              "g0_lost": max(plan.nprobes, 1),
+                              "g0_specs": n, "g0_strs": n})
+        self.compiled += not prog.from_cache
+        return prog
 
     @property
     def from_cache(self) -> bool:
-        return bool(self.prog.from_cache)
+        """Nothing had to be compiled: every program came from the cache."""
+        return self.compiled == 0
 
-    def _fill_specs(self, plan: GroupPlan) -> None:
-        """Write each reader's argument specs into the group's spec map."""
-        specs = self.prog.map(f"{plan.name}_specs")
-        for rid, (reads, vaddr) in enumerate(plan.readers):
+    def program_of(self, g: Group) -> tuple[Program, str]:
+        """The program holding a group, and the prefix of its maps' names."""
+        return self._progs[g.gid]
+
+    @property
+    def prog(self) -> Program:
+        """The session-wide program (hooks, entry hold, companion no-op)."""
+        return self.base
+
+    def _fill_specs(self, g: Group) -> None:
+        """Write each reader's argument (and string) specs into the group's maps."""
+        assert g.plan is not None
+        prog, name = self.program_of(g)
+        specs = prog.map(f"{name}_specs")
+        strs = prog.map(f"{name}_strs") if g.plan.nstr else None
+        for rid, (reads, vaddr) in enumerate(g.plan.readers):
             rows = table_row(reads, vaddr)
             value = b"".join(_SPEC_ARG.pack(*row) for row in rows)
             value += bytes(specs.spec.value_size - len(value))
             specs.update(_U32.pack(rid), value)
+            if strs is not None:
+                slots = table_strings(reads, g.plan.nstr)
+                strs.update(_U32.pack(rid), b"".join(_STR_SPEC.pack(*row) for row in slots))
 
     # -- attaching -------------------------------------------------------------
 
@@ -144,9 +241,9 @@ class TraceProgram:
 
     def _attach_group(self, g: Group, pid: int, child: Optional[HeldCommand]) -> None:
         assert g.plan is not None
-        prog = self.prog
+        prog, name = self.program_of(g)
         if self.multi:
-            fd = prog.load(f"{g.plan.name}_multi", multi=True)
+            fd = prog.load(f"{name}_multi", multi=True)
             by_binary: dict[str, list[tuple[int, int, int]]] = {}
             for pi, p in enumerate(g.probes):
                 for si, s in enumerate(p.sites):
@@ -159,7 +256,7 @@ class TraceProgram:
             for pi, p in enumerate(g.probes):
                 for si, s in enumerate(p.sites):
                     ck = cookie(pi, si, s.reader)
-                    fd = prog.load(f"{g.plan.name}_c{ck:x}")
+                    fd = prog.load(f"{name}_c{ck:x}")
                     prog.attach_perf(fd, s.binary, s.file_offset, pid, s.ref_ctr_offset,
                                      g.retprobe, p.info.label)
         if self.procmem is not None:
@@ -168,7 +265,7 @@ class TraceProgram:
                     if s.semaphore_offset:
                         self._raise_procmem(s.binary, s.semaphore_offset, child)
         if not g.fold:
-            g.ring = RingReader(prog.map_fd(f"{g.plan.name}_rb"), g.plan.ringbuf_pages * 4096,
+            g.ring = RingReader(prog.map_fd(f"{name}_rb"), g.plan.ringbuf_pages * 4096,
                                 g.record_struct(), probe_offset=PROBE_AT)
 
     def _attach_entry_hold(self, child: HeldCommand) -> None:
@@ -228,16 +325,17 @@ class TraceProgram:
 
     def lost(self, g: Group) -> list[int]:
         """Events the ring had no room for, per probe of the group."""
-        assert g.plan is not None
-        m = self.prog.map(f"{g.plan.name}_lost")
+        prog, name = self.program_of(g)
+        m = prog.map(f"{name}_lost")
         return [m.sum_u64(_U32.pack(pi)) for pi in range(len(g.probes))]
 
     def fold_rows(self) -> list[tuple[Group, tuple[Any, ...], int]]:
         """(group, (pid, probe, site, stack id, comm), count) for every counted stack."""
         rows = []
         for g in self.groups:
-            if g.fold and g.plan is not None:
-                counts = self.prog.map(f"{g.plan.name}_counts")
+            if g.fold and g.gid in self._progs:
+                prog, name = self.program_of(g)
+                counts = prog.map(f"{name}_counts")
                 for key in list(counts.keys()):
                     value = counts.lookup(key)
                     if value is not None:
@@ -246,17 +344,25 @@ class TraceProgram:
 
     def stack(self, g: Group, stack_id: int) -> tuple[int, ...]:
         """The addresses of one stack the kernel counted."""
-        assert g.plan is not None
-        raw = self.prog.map(f"{g.plan.name}_stacks").lookup(_U32.pack(stack_id))
+        prog, name = self.program_of(g)
+        raw = prog.map(f"{name}_stacks").lookup(_U32.pack(stack_id))
         if raw is None:
             return ()
         return tuple(a for a in struct.unpack(f"<{len(raw) // 8}Q", raw) if a)
 
     # -- teardown ------------------------------------------------------------------
 
+    def _programs(self) -> list[Program]:
+        out = [self.base]
+        for prog, _ in self._progs.values():
+            if all(prog is not p for p in out):
+                out.append(prog)
+        return out
+
     def detach(self) -> None:
         """Nothing fires after this; maps and rings stay readable."""
-        self.prog.detach()
+        for prog in self._programs():
+            prog.detach()
 
     def lower_semaphores(self) -> None:
         if self.procmem is not None:
@@ -272,4 +378,7 @@ class TraceProgram:
                 if g.ring is not None:
                     g.ring.close()
                     g.ring = None
-            self.prog.close()
+            # Groups first: they borrow the base program's control map.
+            for prog in reversed(self._programs()):
+                prog.close()
+            self._progs.clear()

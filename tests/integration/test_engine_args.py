@@ -123,9 +123,8 @@ def test_usdt_args_every_shape_matches_printed(fixtures_dir: Path, spawn: Any,
 
     events, stats, printed, s = _trace_run(spawn, binary, ARGS_COUNT,
                                            list(ARGS_SPECS.values()), arg_tables=tables)
-    if tables:
-        assert [g.plan.table for g in s._groups] == [  # type: ignore[union-attr]
-            "str" not in spec for spec in ARGS_SPECS.values()]
+    if tables:  # strings too: the table reader copies them as well
+        assert all(g.plan.table for g in s._groups)  # type: ignore[union-attr]
     assert printed[-1] == "done"
     assert {p.name for p in s.probes} == {f"apptrace_fx:{n}" for n in ARGS_SPECS}
     assert all(p.binary.endswith(name) for p in s.probes)
