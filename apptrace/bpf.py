@@ -53,7 +53,8 @@ from apptrace.syscall import (
     has_trace_privileges,
 )
 
-__all__ = ["import_bcc", "Program", "compile_c", "ensure_compiled", "self_test", "attach_uprobe_perf",
+__all__ = ["import_bcc", "Program", "compile_c", "ensure_compiled", "self_test",
+           "attach_uprobe_perf",
            "attach_uprobe_multi"]
 
 _bcc: Any = None

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import base64
 import ctypes
+import dataclasses
 import errno as _errno
 import hashlib
 import json
 import os
 import platform
 import struct
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
