@@ -29,7 +29,7 @@ literals written as numeric character codes.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Union
 
 from apptrace.errors import ExpressionError
@@ -193,11 +193,14 @@ class Env:
     ``ints`` maps an integer name to a C expression and its signedness;
     ``strs`` maps a string name to a C char array expression and its size.
     ``missing`` explains names that exist in general but not here.
+    ``lens`` gives, for a counted string (``str[argN]``, ``bytes[N]``: no
+    NUL), a C expression of its length; the others end at a NUL.
     """
 
     ints: dict[str, tuple[str, bool]]
     strs: dict[str, tuple[str, int]]
     missing: dict[str, str]
+    lens: dict[str, str] = field(default_factory=dict)
 
 
 def compile_c(text: str, env: Env) -> str:
@@ -294,6 +297,13 @@ class _Compiler:
     def string_match(self, name: Expr, literal: str, *, exact: bool) -> str:
         c, size = self.env.strs[str(name.value)]
         data = literal.encode()
+        length = self.env.lens.get(str(name.value))
+        if length is not None:  # counted: the length says where it ends, no NUL
+            if len(data) > size:
+                raise self.error(name, f"{name.value} holds at most {size} bytes")
+            terms = [f"(u64)({length}) {'==' if exact else '>='} {len(data)}"]
+            terms += [f"(u8){c}[{i}] == {byte}" for i, byte in enumerate(data)]
+            return "(" + " && ".join(terms) + ")"
         if len(data) + (1 if exact else 0) > size:
             if exact:
                 raise self.error(name, f"{name.value} holds at most {size - 1} bytes; the"
