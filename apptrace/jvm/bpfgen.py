@@ -78,7 +78,7 @@ COUNTERS = ("ring_full", "no_state", "pools_dropped", "cycle_no_begin", "gc_end_
 # then MAX_POOLS x struct pool (9 u64: manager, pool, init, max, used and
 # committed before, used and committed after, bit 0/1: before/after seen)
 POOL_FIELDS = 9
-RECORD = struct.Struct(f"<7Q8I2Q64s64s{MAX_POOLS * POOL_FIELDS}Q")
+RECORD = struct.Struct(f"<7Q8I2Q64s64s64s64s{MAX_POOLS * POOL_FIELDS}Q")
 NAME_KEY = struct.Struct("<IIQ")        # pid, pad, pointer
 NAME_VALUE = struct.Struct("<Q64s")     # length, bytes
 PERF_VALUE = struct.Struct("<QQ")       # address of sun.gc.cause, sun.gc.lastCause
@@ -211,8 +211,10 @@ struct gc_rec {
     u64 sp_begin, sp_end, op_begin, op_end, gc_begin, gc_end, op_name;
     u32 pid, tid, flags, npool, ngc, nbegin, nend, kind;
     u64 mgr, mgr2;
-    char cause[64];
-    char cause2[64];
+    char cause[64];      /* sun.gc.cause as the first memory manager began */
+    char cause2[64];     /* ... as a second one began (a nested collection) */
+    char end_cause[64];  /* sun.gc.cause at the end */
+    char end_last[64];   /* sun.gc.lastCause at the end */
     struct pool p[MAXP];
 };
 struct ckey { u64 mgr; u32 tid; u32 pad; };
@@ -304,17 +306,16 @@ static __always_inline void cause_now(struct gc_rec *s, char *buf) {
 #endif
 }
 
-/* No memory manager reported (ZGC and Shenandoah pauses, cycles): the cause
-   at the end, and the last one (F_CAUSE_END tells the reader). */
+/* The causes at the end: the current one, and the last one. */
 static __always_inline void cause_at_end(struct gc_rec *s) {
     struct paddr *pa = perf.lookup(&s->pid);
-    s->flags |= F_CAUSE_END;
-    s->cause[0] = 0;
-    s->cause2[0] = 0;
+    s->end_cause[0] = 0;
+    s->end_last[0] = 0;
     if (!pa) return;
-    if (pa->cause) bpf_probe_read_user_str(s->cause, sizeof(s->cause), (void *)pa->cause);
+    if (pa->cause)
+        bpf_probe_read_user_str(s->end_cause, sizeof(s->end_cause), (void *)pa->cause);
     if (pa->lastcause)
-        bpf_probe_read_user_str(s->cause2, sizeof(s->cause2), (void *)pa->lastcause);
+        bpf_probe_read_user_str(s->end_last, sizeof(s->end_last), (void *)pa->lastcause);
 }
 """
 
@@ -327,7 +328,7 @@ BPF_RINGBUF_OUTPUT(events, __PAGES__);
 BPF_ARRAY(progress, u64, 2);   /* 0: records written, 1: records read (user space) */
 
 static __always_inline void emit(struct gc_rec *s) {
-    if (s->kind == __KIND_CYCLE__ || !s->mgr) cause_at_end(s);
+    cause_at_end(s);
     u32 k0 = 0, k1 = 1;
     u64 *written = progress.lookup(&k0);
     u64 *read = progress.lookup(&k1);

@@ -91,13 +91,37 @@ def _heap(text: str) -> tuple[Optional[int], Optional[int], int]:
     return int(h.group(1)) * u0, int(h.group(3)) * u1, max(u0, u1)
 
 
+def _groups(text: str) -> tuple[str, list[str]]:
+    """``Pause Young (Normal) (System.gc())`` -> ("Pause Young", ["Normal", "System.gc()"]):
+    the text before the first top-level parenthesis, and each group (nested
+    parentheses kept, as in ``System.gc()``)."""
+    head, groups, depth, start = None, [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "(":
+            if depth == 0:
+                if head is None:
+                    head = text[:i].strip()
+                start = i + 1
+            depth += 1
+        elif ch == ")" and depth:
+            depth -= 1
+            if depth == 0:
+                groups.append(text[start:i])
+    return (text.strip() if head is None else head), groups
+
+
 def _split_kind(text: str) -> tuple[str, Optional[str]]:
+    """The pause kind and the GC cause. Young and full pauses end with their
+    cause; G1's young ones name their type first (``Normal``, ``Mixed``...)
+    and JDK 21+ may add ``(Evacuation Failure: ...)`` after the cause."""
     text = _HEAP.sub("", text).strip()
-    if text.startswith(_CAUSE_LAST) and text.endswith(")"):
-        cut = text.rfind(" (")
-        if cut > 0:
-            return text[:cut], text[cut + 2:-1]
-    return text, None
+    head, groups = _groups(text)
+    if head not in _CAUSE_LAST or not groups:
+        return text, None
+    groups = [g for g in groups if not g.startswith("Evacuation Failure")] or groups
+    if head == "Pause Young" and len(groups) >= 2:
+        return f"{head} ({groups[0]})", groups[1]
+    return head, groups[-1]
 
 
 def parse_gc_log(lines: Iterable[str], *, name: str = "the GC log") -> GcLog:

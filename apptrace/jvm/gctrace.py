@@ -347,6 +347,7 @@ class GcTracer:
         self._names: dict[tuple[int, int], str] = {}
         self._perf: dict[int, Optional[HsPerfData]] = {}
         self._perf_tried: dict[int, float] = {}
+        self._first_seen: dict[int, float] = {}
         self._main_class: dict[int, str] = {}
         self._acc = Accumulator()
         self._heap_after: dict[tuple[int, str], tuple[str, int, int, Optional[int]]] = {}
@@ -497,14 +498,17 @@ class GcTracer:
             if pid not in alive:
                 del self._checked[pid]
 
-    def _learn(self, pid: int) -> None:
+    def _learn(self, pid: int, force: bool = False) -> None:
         """Find a JVM's hsperfdata: its cause strings' addresses go to the
-        kernel (read there at each pause's end); main class for labels."""
+        kernel (read there during each pause); main class for labels."""
         if self._perf.get(pid) is not None:
             return
         now = time.monotonic()
-        if pid in self._perf and now - self._perf_tried.get(pid, 0.0) < 0.1:
-            return  # a JVM still starting has no counters yet: try again soon
+        # A JVM still starting has no counters yet: try again soon; one that
+        # has none after 2 s runs without them (-XX:-UsePerfData): rarely.
+        interval = 0.01 if now - self._first_seen.setdefault(pid, now) < 2.0 else 1.0
+        if not force and pid in self._perf and now - self._perf_tried.get(pid, 0.0) < interval:
+            return
         self._perf_tried[pid] = now
         self._seen_pids.add(pid)
         where = find_hsperfdata(pid)
@@ -514,14 +518,20 @@ class GcTracer:
                 perf = HsPerfData.from_file(where[0])
             except ApptraceError:
                 perf = None
-        self._perf[pid] = perf
         main = perf.main_class if perf is not None else None
         if not main:
             main = _main_class_from_cmdline(pid)
         if main or pid not in self._main_class:
             self._main_class[pid] = main or "unknown"
-        if perf is None or where is None or not where[1]:
+        mapped = perf is not None and where is not None and where[1] != 0
+        if perf is None or not mapped or "sun.gc.lastCause" not in perf.entries:
+            # Not (yet) mapped by the JVM, or its GC counters not created yet:
+            # keep looking while it starts, then settle for what there is.
+            young = now - self._first_seen[pid] < 2.0
+            self._perf[pid] = None if young else perf
             return
+        self._perf[pid] = perf
+        assert where is not None
         _, start, file_off = where
 
         def addr(name: str) -> int:
@@ -535,7 +545,16 @@ class GcTracer:
             except ApptraceError:
                 pass
 
-    # -- reading ----------------------------------------------------------------
+    def _learn_targets(self) -> bool:
+        """Look for the counters of targets that have none yet; True while a
+        target that started less than 2 s ago is still without them."""
+        waiting = False
+        for pid in self._targets:
+            if self._perf.get(pid) is None:
+                self._learn(pid)
+                waiting = waiting or (self._perf.get(pid) is None and
+                                      time.monotonic() - self._first_seen[pid] < 2.0)
+        return waiting
 
     def main_class(self, pid: int) -> str:
         if pid not in self._main_class:
@@ -569,9 +588,7 @@ class GcTracer:
             return []
         if self.all_jvms and not self._detached:
             self._rescan()
-        for pid in self._targets:
-            if self._perf.get(pid) is None:
-                self._learn(pid)  # a JVM just started publishes its counters a bit later
+        self._learn_targets()
         assert self._epoll is not None
         rings = [a.ring for a in self._attached.values() if a.ring is not None]
         if timeout is None or timeout > 0:
@@ -586,8 +603,10 @@ class GcTracer:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     break
-                self._epoll.poll(self.POLL_SECONDS if left is None
-                                 else min(left, self.POLL_SECONDS))
+                # A JVM just started publishes its counters a little later;
+                # look often then, so its first pauses have their cause.
+                step = 0.01 if self._learn_targets() else self.POLL_SECONDS
+                self._epoll.poll(step if left is None else min(left, step))
         out: list[GcEvent] = []
         for att in list(self._attached.values()):
             if att.ring is None:
@@ -638,17 +657,32 @@ class GcTracer:
         name = self._names[key] = text.decode("utf-8", "replace")
         return name
 
-    def _cause(self, pid: int, cause: bytes, last: bytes) -> Optional[str]:
-        now = _text(cause)
-        if now not in _NO_GC:
-            return now
-        prev = _text(last)
-        if prev not in _NO_GC:
-            return prev
-        # The kernel had no address for this JVM (seen before we learnt of it):
-        # read its file now, which is right unless another GC ended since.
-        if pid not in self._perf:
-            self._learn(pid)
+    def _causes(self, pid: int, kind: int, mgr: int, first: bytes, second: bytes,
+                end_now: bytes, end_last: bytes) -> tuple[str, ...]:
+        """The cause of each collection in a pause (or of a cycle).
+
+        ``sun.gc.cause`` is read in the kernel as each memory manager begins:
+        right for nested collections too (Parallel's full for "Ergonomics"
+        inside a scavenge for "Allocation Failure": at the end, the outer
+        cause is back). A pause with no manager (ZGC, Shenandoah, JDK 17's
+        G1 Remark) has the cause current at its end, if any: the last cause
+        would be another collection's.
+        """
+        now, last = _text(end_now), _text(end_last)
+        if not now and not last:
+            # The kernel had no address for this JVM yet (its counters were
+            # not published): read the file, right unless a GC ended since.
+            found = self._cause_from_file(pid)
+            return (found,) if found else ()
+        if kind == bpfgen.KIND_CYCLE:
+            found = now if now not in _NO_GC else last
+            return (found,) if found not in _NO_GC else ()
+        if mgr:
+            return tuple(c for c in (_text(first), _text(second)) if c not in _NO_GC)
+        return (now,) if now not in _NO_GC else ()
+
+    def _cause_from_file(self, pid: int) -> Optional[str]:
+        self._learn(pid, force=True)
         perf = self._perf.get(pid)
         if perf is None:
             return None
@@ -661,8 +695,8 @@ class GcTracer:
 
     def _decode(self, att: _Attachment, rec: tuple[Any, ...]) -> Optional[GcEvent]:
         (sp_b, sp_e, op_b, op_e, gc_b, gc_e, op_name, pid, tid, flags, npool, _ngc, _nb, _ne,
-         kind, mgr, _mgr2, cause, cause2) = rec[:19]
-        raw_pools = rec[19:]
+         kind, mgr, _mgr2, cause, cause2, end_cause, end_last) = rec[:21]
+        raw_pools = rec[21:]
         begin = sp_b or op_b or gc_b
         if kind == bpfgen.KIND_PAUSE and not (flags & bpfgen.F_SP_SEEN):
             begin = op_b or gc_b
@@ -681,13 +715,8 @@ class GcTracer:
                                    u0 if have & 1 else None, c0 if have & 1 else None,
                                    u1 if have & 2 else None, c1 if have & 2 else None))
         heap_before, heap_after, _ = heap_usage(pools)
-        causes: tuple[str, ...] = ()
-        if flags & bpfgen.F_CAUSE_END:
-            why = self._cause(pid, cause, cause2)
-        else:
-            # one cause per collection, read as each memory manager began
-            causes = tuple(c for c in (_text(cause), _text(cause2)) if c not in _NO_GC)
-            why = causes[0] if causes else self._cause(pid, b"", b"")
+        causes = self._causes(pid, kind, mgr, cause, cause2, end_cause, end_last)
+        why = causes[0] if causes else None
         for p in pools:
             if p.used_after is not None:
                 self._heap_after[(pid, p.name)] = (p.manager, p.used_after,
@@ -718,8 +747,7 @@ class GcTracer:
         return GcPause(begin, end, pid, tid, vm_op, manager, tuple(managers), full, duration,
                        sp_ns, gc_ns, op_ns, why, heap_before, heap_after, tuple(pools),
                        bool(flags & bpfgen.F_FULL),
-                       op_b - sp_b if sp_ns is not None and op_b >= sp_b else None,
-                       causes or ((why,) if why else ()))
+                       op_b - sp_b if sp_ns is not None and op_b >= sp_b else None, causes)
 
     # -- statistics ---------------------------------------------------------------
 

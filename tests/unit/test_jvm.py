@@ -58,6 +58,8 @@ LOG = "\n".join([
     " 256M->100M(256M) 8.610ms",
     "[0.950s][7000000000ns][22507][info][gc          ] GC(8) Pause Remark 50M->49M(256M)"
     " 0.703ms",
+    "[0.960s][8000000000ns][22507][info][gc          ] GC(9) Pause Young (Mixed)"
+    " (G1 Evacuation Pause) (Evacuation Failure: Allocation) 200M->100M(256M) 5.000ms",
 ])
 
 
@@ -82,6 +84,7 @@ def test_parse_every_pause_line_shape() -> None:
         (0, "Pause Init Mark (unload classes)", None, 93_000),
         (7, "Pause Degenerated GC (Mark)", None, 8_610_000),
         (8, "Pause Remark", None, 703_000),
+        (9, "Pause Young (Mixed)", "G1 Evacuation Pause", 5_000_000),
     ]
     first = log.pauses[0]
     assert (first.ts_ns, first.heap_before, first.heap_after, first.heap_unit) == \
@@ -125,8 +128,8 @@ def test_compare_counts_collections_and_matches_by_time() -> None:
         _pause(9_000_000_000, 9_001_000_000, 1_000_000),
     ]
     c = compare_with_log(traced, log, start_ns=0)
-    assert (c.log_pauses, c.traced_pauses, c.traced_collections) == (8, 3, 4)
-    assert c.matched_lines == 3 and len(c.unmatched_lines) == 5 and c.unmatched_pauses == 1
+    assert (c.log_pauses, c.traced_pauses, c.traced_collections) == (9, 3, 4)
+    assert c.matched_lines == 3 and len(c.unmatched_lines) == 6 and c.unmatched_pauses == 1
     assert not c.counts_equal
     kinds = {k.kind: k for k in c.kinds}
     assert kinds["Pause Young (Normal)"].error_median_ns == 48_000
@@ -140,7 +143,7 @@ def test_compare_counts_collections_and_matches_by_time() -> None:
     assert "counts DIFFERENT" in text and "causes: 3 agree" in text
     # the window: lines of collections that began before the trace are not counted
     late = compare_with_log(traced, log, start_ns=1_999_000_000)
-    assert late.log_pauses == 6  # GC(52) began at 1.9968 s
+    assert late.log_pauses == 7  # GC(52) began at 1.9968 s
 
 
 def test_compare_picks_the_jvm_the_log_belongs_to() -> None:
