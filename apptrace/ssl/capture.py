@@ -44,7 +44,7 @@ from apptrace.ssl._kernel import (
     STAT_NAMES,
     render,
 )
-from apptrace.ssl._target import Target
+from apptrace.engine.target import Target
 from apptrace.ssl.libraries import TlsLibrary
 from apptrace.ssl.model import CaptureStats, Chunk, Connection, Gap, Item, Stream, reassemble
 from apptrace.ssl.net import kernel_addr, tcp_addresses
@@ -98,7 +98,11 @@ class Capture:
             raise OptionError("ring_mb", ring_mb, "an integer from 1 to 4096")
         if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 1):
             raise OptionError("max_bytes", max_bytes, "a positive number of bytes")
-        self.target = Target(pid=pid, path=path, command=command)
+        if sum(x is not None for x in (pid, path, command)) != 1:
+            raise OptionError("target", {"pid": pid, "path": path, "command": command},
+                              "exactly one of pid, path, command")
+        self.target = Target(pid=pid, path=path, command=command,
+                             command_stdout=command_stdout)
         self.ring_bytes = 1 << (ring_mb * 1024 * 1024 - 1).bit_length()
         self.max_bytes = max_bytes
         self.keep = keep
@@ -154,9 +158,14 @@ class Capture:
 
     # -- starting ---------------------------------------------------------------
 
+    def _pid(self) -> int:
+        """The PID probes are limited to (-1: system-wide)."""
+        pid = self.target.pid
+        return -1 if pid is None else pid
+
     def _find_libraries(self) -> list[TlsLibrary]:
         t = self.target
-        if t.process is not None:
+        if t.process is not None and t.child is None:
             libs, objects = _libs.libraries_of_pid(t.process.pid, self._inspected)
             self.searched = objects
             if libs:
@@ -189,7 +198,7 @@ class Capture:
             raise NoTlsLibraryError(f"{t.path} has no TLS functions: looked for"
                                     f" {'; '.join(_libs.SEARCHED)}", searched=(t.path,),
                                     hint=hint)
-        held = t.held
+        held = t.child
         assert held is not None
         files = [held.exe, *_libs.needed_libraries(held.exe), *_libs.system_libraries()]
         self.searched = files
@@ -215,9 +224,9 @@ class Capture:
         t0 = time.monotonic()
         self._state = "starting"
         try:
-            self.target.check()
+            self.target.resolve()
             if self.target.command is not None:
-                self.target.spawn(self.command_stdout)
+                self.target.spawn()
             libs = self._find_libraries()
             self._load()
             for lib in libs:
@@ -226,8 +235,8 @@ class Capture:
             self._drainer = threading.Thread(target=self._drain_loop, name="apptrace-ssl-drain",
                                              daemon=True)
             self._drainer.start()
-            if self.target.held is not None:
-                self.target.held.release()
+            if self.target.child is not None:
+                self.target.child.release()
             self._state = "running"
         except BaseException:
             self.close()
@@ -264,7 +273,7 @@ class Capture:
     def _attach(self, lib: TlsLibrary) -> None:
         if lib.file_id in self._attached:
             return
-        pid = self.target.pid
+        pid = self._pid()
         groups: dict[tuple[str, bool], list[tuple[int, int]]] = {}
         for h in lib.hooks:
             prog, cookie = h.program, 0
@@ -307,7 +316,7 @@ class Capture:
 
     def _rescan(self) -> None:
         """Attach TLS libraries the target loaded since (``dlopen``)."""
-        pid = self.target.pid
+        pid = self._pid()
         if pid < 0 or not self.target.alive():
             return
         try:

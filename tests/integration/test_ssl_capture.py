@@ -397,7 +397,7 @@ def test_node_static_openssl(tmp_path: Path, s_server: int) -> None:
     with apptrace.ssl.capture(command=[node, str(script), str(s_server)], keep=True,
                               command_stdout=subprocess.PIPE) as cap:
         items = list(cap)
-        status = cap.target.held.proc.stdout.read().decode().split()
+        status = cap.target.child.proc.stdout.read().decode().split()
     node_libs = [lib for lib in cap.libraries if lib.path == os.path.realpath(node)
                  or lib.path == node]
     assert node_libs and node_libs[0].static, [lib.describe() for lib in cap.libraries]
