@@ -33,11 +33,13 @@ from apptrace.engine.plan import Group, Slot
 from apptrace.errors import OptionError
 from apptrace.expr import names_used, parse
 
-__all__ = ["KeyField", "AggPlan", "render_aggregate", "LOG2_C", "DROP_FULL", "DROP_VALUE",
-           "DROP_FILTER", "DROP_RACE", "DROP_SLOTS"]
+__all__ = ["KeyField", "AggPlan", "render_aggregate", "key_layout", "group_c", "LOG2_C",
+           "DROP_C", "DROP_FULL", "DROP_VALUE", "DROP_FILTER", "DROP_RACE", "DROP_UNMATCHED",
+           "DROP_ABANDONED", "DROP_START", "DROP_SLOTS", "decode_key"]
 
 DROP_FULL, DROP_VALUE, DROP_FILTER, DROP_RACE = 0, 1, 2, 3
-DROP_SLOTS = 4
+DROP_UNMATCHED, DROP_ABANDONED, DROP_START = 4, 5, 6   # latency pairing
+DROP_SLOTS = 8
 MAX_KEY_BYTES = 256      # the key is built on the BPF stack (512 bytes in all)
 STACK_ARGS_BYTES = 128   # argument records up to this size live on the stack
 
@@ -57,6 +59,13 @@ static __always_inline u32 agg_log2_bucket(s64 v) {
     if (v == 0) return 1;
     return 2 + agg_log2((u64)v);
 }"""
+
+
+DROP_C = f"""static __always_inline void agg_drop_one(u32 epoch, u32 why) {{
+    u32 i = (epoch & 1) * {DROP_SLOTS} + why;
+    u64 *c = agg_drop.lookup(&i);
+    if (c) __sync_fetch_and_add(c, 1);
+}}"""
 
 
 @dataclass(frozen=True)
@@ -118,7 +127,7 @@ def _arg_types(groups: Sequence[Group], name: str) -> str:
     return kinds.pop()
 
 
-def _key_layout(plan: AggPlan, groups: Sequence[Group]) -> tuple[str, list[KeyField]]:
+def key_layout(plan: AggPlan, groups: Sequence[Group]) -> tuple[str, list[KeyField]]:
     keys = list(plan.keys)
     hidden: list[str] = []
     if "ustack" in keys:  # symbolizing needs the process and where it fired
@@ -224,7 +233,7 @@ def _args_used(texts: Sequence[str], keys: Sequence[str]) -> set[int]:
 
 def render_aggregate(groups: Sequence[Group], plan: AggPlan) -> str:
     """The whole program: hooks, maps, and one body per probe string."""
-    key_c, fields = _key_layout(plan, groups)
+    key_c, fields = key_layout(plan, groups)
     val_c = _val_layout(plan)
     nb = plan.nbuckets
     out = [header_c(), TASK_HOOKS, key_c, val_c]
@@ -239,14 +248,10 @@ def render_aggregate(groups: Sequence[Group], plan: AggPlan) -> str:
         out.append(f"BPF_STACK_TRACE(agg_stacks, {plan.stack_entries});")
     if plan.hist is not None:
         out.append(LOG2_C)
-    out.append(f"""static __always_inline void agg_drop_one(u32 epoch, u32 why) {{
-    u32 i = (epoch & 1) * {DROP_SLOTS} + why;
-    u64 *c = agg_drop.lookup(&i);
-    if (c) __sync_fetch_and_add(c, 1);
-}}""")
+    out.append(DROP_C)
     out.append(_update_c(plan, nb))
     for g in groups:
-        out.append(_group_c(g, plan, fields))
+        out.append(group_c(g, plan, fields))
     return "\n\n".join(out) + "\n"
 
 
@@ -289,8 +294,13 @@ def _update_c(plan: AggPlan, nb: int) -> str:
 /* {nx} value(s) per hit */"""
 
 
-def _group_c(g: Group, plan: AggPlan, fields: list[KeyField]) -> str:
-    n = f"ag{g.gid}"
+def group_c(g: Group, plan: AggPlan, fields: list[KeyField], *, prefix: str = "ag",
+             tail: str = "    agg_update(&k, x, h);\n", pass_flag: bool = False) -> str:
+    """One probe string's body: read, filter, build the key, then ``tail``
+    (by default: update the map). With ``pass_flag`` a hit the filter rejects
+    goes on with ``pass = 0`` instead of returning (latency entries must still
+    be paired with their exits)."""
+    n = f"{prefix}{g.gid}"
     ep = "k.epoch" if plan.has_head else "0"
     where = " && ".join(f"({w})" for w in (plan.where, plan.group_where.get(g.gid)) if w)
     value_texts = [e for _s, e in plan.stats] + ([plan.hist[0]] if plan.hist else [])
@@ -337,7 +347,7 @@ def _group_c(g: Group, plan: AggPlan, fields: list[KeyField]) -> str:
                        f"    (void)v;\n}}")
             lines.append(f"{n}_r{rid}(ctx, e);")
         if filt is not None:
-            lines.extend(_filter_lines(filt[rid], ep))
+            lines.extend(_filter_lines(filt[rid], ep, pass_flag))
         for j, v in enumerate(vals):
             lines.extend(_value_lines(v[rid], j, len(plan.stats), ep))
         for f in fields:
@@ -391,9 +401,10 @@ def _group_c(g: Group, plan: AggPlan, fields: list[KeyField]) -> str:
     __builtin_memset(&k, 0, sizeof(k));
 {epoch_c}    s64 x[{nx}] = {{}};
     s64 h = 0;
+    u32 pass = 1;
+    (void)x; (void)h; (void)pass;
 {args_decl}{comm_decl}{switch}
-{"".join("    " + c + chr(10) for c in common)}{race}    agg_update(&k, x, h);
-    return 0;
+{"".join("    " + c + chr(10) for c in common)}{race}{tail}    return 0;
 }}"""
     out.append(body)
     entries = []
@@ -406,14 +417,15 @@ def _group_c(g: Group, plan: AggPlan, fields: list[KeyField]) -> str:
     return "\n\n".join(out)
 
 
-def _filter_lines(r: ReaderExpr, ep: str) -> list[str]:
+def _filter_lines(r: ReaderExpr, ep: str, pass_flag: bool = False) -> list[str]:
+    no = "pass = 0;" if pass_flag else "return 0;"
     if r.c is None:
-        return ["return 0;  /* a name the filter uses is missing at these sites */"]
+        return [f"{no}  /* a name the filter uses is missing at these sites */"]
     lines = []
     if r.fault_mask:
         lines.append(f"if (e->h.flags & {r.fault_mask}u) {{ agg_drop_one({ep},"
-                     f" {DROP_FILTER}); return 0; }}")
-    lines.append(f"if (!({r.c})) return 0;")
+                     f" {DROP_FILTER}); {no} }}")
+    lines.append(f"if (!({r.c})) {no}")
     return lines
 
 

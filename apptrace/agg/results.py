@@ -378,6 +378,7 @@ class LatencyResult:
     max_keys: int = 0
     key_str_max: int = 0
     paired_by: str = "depth"   # "stack" when uprobe/uretprobe exits are checked by sp
+    filter_faults: int = 0     # entries the filter could not judge (argument read faulted)
     percentiles: tuple[float, ...] = field(default=(0.5, 0.9, 0.99))
 
     @property
@@ -412,6 +413,7 @@ class LatencyResult:
                 "unmatched_exits": self.unmatched_exits, "abandoned": self.abandoned,
                 "in_flight": self.in_flight, "not_counted": self.not_counted,
                 "start_dropped": self.start_dropped, "paired_by": self.paired_by,
+                "filter_faults": self.filter_faults,
                 "max_keys": self.max_keys, "key_str_max": self.key_str_max}
 
     def format(self) -> str:

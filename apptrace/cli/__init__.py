@@ -40,6 +40,7 @@ __all__ = ["main", "Command", "CommandError", "COMMANDS"]
 REGISTRY: list[tuple[str, str, str]] = [
     ("usdt list", "apptrace.cli.usdt", "UsdtListCommand"),
     ("trace", "apptrace.cli.trace", "TraceCommand"),
+    ("latency", "apptrace.cli.latency", "LatencyCommand"),
     ("doctor", "apptrace.cli.doctor", "DoctorCommand"),
     ("semaphores", "apptrace.cli.semaphores", "SemaphoresCommand"),
     ("jvm gc", "apptrace.cli.jvm", "JvmGcCommand"),

@@ -41,7 +41,7 @@ class TraceCommand(Command):
     takes_command = True
 
     def prepare_parser(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("probes", nargs="+", metavar="PROBE")
+        parser.add_argument("probes", nargs="*", metavar="PROBE")
         tgt = parser.add_argument_group("target (at most one)")
         tgt.add_argument("-p", "--pid", type=int, help="trace this running process")
         tgt.add_argument("--path", metavar="BIN",
@@ -49,7 +49,8 @@ class TraceCommand(Command):
         parser.add_argument("--json", action="store_true", help="JSON lines output")
         parser.add_argument("-d", "--duration", type=float, metavar="SECONDS",
                             help="stop after this long")
-        parser.add_argument("-n", "--count", type=int, help="stop after this many events")
+        parser.add_argument("-n", "--max-events", dest="count", type=int,
+                            help="stop after this many events")
         parser.add_argument("-o", "--output", metavar="FILE", help="write events here")
         parser.add_argument("--semaphores", choices=("kernel", "procmem"), default="kernel",
                             help="how to enable USDT semaphores (default: kernel)")
@@ -65,6 +66,9 @@ class TraceCommand(Command):
                             help="with --stack: raw addresses, each with the file that"
                                  " holds it and its offset there (no symbol lookup)")
         parser.add_argument("-q", "--quiet", action="store_true", help="no summary")
+        from apptrace.cli.aggregate import add_trace_options
+
+        add_trace_options(parser)
 
     def run(self, args: argparse.Namespace) -> int:
         from apptrace.session import Session
@@ -72,6 +76,15 @@ class TraceCommand(Command):
         command = getattr(args, "command_argv", None)
         if sum(x is not None for x in (args.pid, args.path, command)) > 1:
             raise CommandError("trace: give only one of -p PID, --path BIN, -- CMD")
+        if args.count_keys and ":" in args.count_keys:  # `--count PROBE`: no keys given
+            args.probes.insert(0, args.count_keys)
+            args.count_keys = ""
+        if not args.probes:
+            raise CommandError("trace: give at least one probe string (PROBE)")
+        from apptrace.cli.aggregate import run_trace_aggregation, wants_aggregation
+
+        if wants_aggregation(args):
+            return run_trace_aggregation(args, command)
         if args.folded and not args.stack:
             args.stack = True
         if args.no_symbolize and args.folded:
@@ -173,7 +186,7 @@ def check_options(args: argparse.Namespace) -> None:
         if args.duration is not None:
             check_seconds("-d/--duration", args.duration)
         if args.count is not None:
-            check_int("-n/--count", args.count, 1)
+            check_int("-n/--max-events", args.count, 1)
         check_int("--str-max", args.str_max, *STR_MAX)
         if args.ring_mb is not None:
             check_int("--ring-mb", args.ring_mb, 1, 1024)

@@ -111,7 +111,7 @@ def _cli_cases(fx: Path, fifo: Path, bad_elf: Path, tmp: Path) -> list[tuple[lis
         (["trace", "--ring-mb", -1, tick, "--", *early], 2, ("--ring-mb", "1 to 1024")),
         (["trace", "--ring-mb", 0, tick, "--", *early], 2, ("--ring-mb", "1 to 1024")),
         (["trace", "--ring-mb", 5000, tick, "--", *early], 2, ("1 to 1024", "5000")),
-        (["trace", "-n", 0, tick, "--", *early], 2, ("-n/--count", ">= 1")),
+        (["trace", "-n", 0, tick, "--", *early], 2, ("-n/--max-events", ">= 1")),
         (["trace", "-o", "", tick, "--", *early], 2, ("-o/--output", "file name")),
         (["trace", "-p", 1, "--path", "/bin/true", tick], 2, ("only one of",)),
         (["semaphores", "-p", 2], 1, ("kernel thread",)),

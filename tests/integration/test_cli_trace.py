@@ -241,6 +241,6 @@ def test_usage_errors_exit_2() -> None:
     no_traceback(r)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
-        "apptrace: trace: -n/--count must be an integer >= 1 (got 0)"]
+        "apptrace: trace: -n/--max-events must be an integer >= 1 (got 0)"]
     r = apptrace("trace", "-p", 1, "--path", "/bin/true", "usdt:apptrace_fx:tick")
     assert r.returncode == 2 and "only one of" in r.stderr
