@@ -261,6 +261,7 @@ def test_generated_c_is_the_same_for_every_jdk() -> None:
                                                          " 8@%rax 8@%r9 8@%rdx", 0x500),)}
     a = bpfgen.render(jdk17, aggregate=False)
     assert a == bpfgen.render(jdk25, aggregate=False)  # one compiled object for both
+    assert a == bpfgen.render({}, aggregate=False)     # so it can be compiled ahead
     assert a != bpfgen.render(jdk25, aggregate=True)
     per_site = bpfgen.render(jdk25, aggregate=False, per_site=True)
     rows = bpfgen.spec_rows(jdk25)
