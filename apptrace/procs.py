@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
-from dataclasses import dataclass
+from apptrace._records import record
 
 from apptrace.errors import (
     BinaryNotFoundError,
@@ -63,7 +63,7 @@ def start_ticks(pid: int) -> int:
     return int(proc_stat(pid)[19])
 
 
-@dataclass(frozen=True)
+@record
 class ProcessRef:
     """A process as (pid, create time); compare with :meth:`alive`."""
 
@@ -115,7 +115,7 @@ class ProcessRef:
         return f"/proc/{self.pid}/root"
 
 
-@dataclass(frozen=True)
+@record
 class Mapping:
     """One line of /proc/PID/maps."""
 

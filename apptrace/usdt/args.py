@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass, replace
+from apptrace._records import record
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ _add_regs()
 _UNREADABLE_REG = re.compile(r"^(xmm\d+|ymm\d+|zmm\d+|st\(?\d?\)?|mm\d|k\d)$")
 
 
-@dataclass(frozen=True)
+@record
 class Argument:
     """One decoded USDT argument of one site.
 
@@ -372,6 +372,6 @@ def parse_arguments(text: str, resolve: Optional[SymbolResolver] = None) -> list
                                  f"symbol {a.symbol!r} + {a.displacement} is outside the"
                                  " address space")
             else:
-                a = replace(a, address=vaddr + a.displacement)
+                a = a.replace(address=vaddr + a.displacement)  # type: ignore[attr-defined]
         out.append(a)
     return out

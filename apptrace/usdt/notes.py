@@ -19,7 +19,7 @@ import mmap
 import os
 import stat
 import struct
-from dataclasses import dataclass, field
+from apptrace._records import record
 
 from apptrace.errors import ElfError, ElfNotFoundError, NoProbesError
 from apptrace.usdt.args import Argument, parse_arguments
@@ -57,7 +57,7 @@ class _Section:
         self.size, self.link, self.number = size, link, number
 
 
-@dataclass(frozen=True)
+@record
 class Site:
     """One call site of a probe: where it is and how to read its arguments."""
 
@@ -84,14 +84,14 @@ class Site:
         }
 
 
-@dataclass(frozen=True)
+@record
 class Probe:
     """A provider:name in one binary, with all its sites (one per inlined copy)."""
 
     binary: str
     provider: str
     name: str
-    sites: tuple[Site, ...] = field(default_factory=tuple)
+    sites: tuple[Site, ...] = ()
 
     @property
     def fullname(self) -> str:
