@@ -10,11 +10,20 @@ Why ABI mode (``ffi.dlopen``) rather than API mode (a compiled extension):
 
 * Installing apptrace's wheel then needs no C compiler and no blazesym
   headers, and the library can be swapped at run time (``APPTRACE_BLAZESYM``).
-* The cost ABI mode adds is per C call, and we make exactly one call per
-  batch of addresses. Reading the result struct costs the same in both modes.
+* The cost ABI mode adds is per C call, and we make one call per batch of
+  addresses.
 * The usual ABI-mode risk, a cdef whose layout drifts from the real header,
   is covered by a unit test that compiles ``offsetof``/``sizeof`` against
   ``.build/blazesym/include/blazesym.h`` and compares them with cffi's view.
+
+Reading the result is another matter: field by field through cffi costs
+about 3 us per frame, eight times the blazesym call. So a small compiled
+helper (``apptrace._blazepack``, cffi API mode, ``make blazepack``; it reads
+the result structs and calls nothing) flattens each result into columns that
+become frames at C speed; without it the ABI-mode loop gives the same
+frames, slower. Frames are light shared tuples (see :class:`StackFrame`),
+addresses go to blazesym ascending, and a big batch is looked up in chunks
+on a worker thread while the previous chunk's frames are built.
 
 Frame order: for every input address the frames come innermost first: the
 inlined functions (deepest first, ``inlined=True``) and then the real
@@ -28,7 +37,8 @@ anonymous memory are looked up in ``/tmp/perf-PID.map``. Creating that file
 host's ``/tmp``, so a JIT in a container needs its map copied there.
 
 Threading: blazesym's symbolizer is not thread-safe and cffi drops the GIL
-during C calls, so every call on one :class:`Symbolizer` holds its lock.
+during C calls, so every blazesym call on one :class:`Symbolizer` holds its
+lock (the pipelining worker's too).
 """
 
 from __future__ import annotations
