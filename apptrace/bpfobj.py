@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 from apptrace.errors import BpfError, TracePermissionError
-from apptrace.syscall import bpf
+from apptrace.syscall import bpf, has_trace_privileges
 
 __all__ = ["MapSpec", "CompiledObject", "LoadedObject", "BpfMap", "cache_get", "cache_put",
            "possible_cpus"]
@@ -255,11 +255,14 @@ class LoadedObject:
                       {n: m.fd for n, m in self.maps.items()})
         fd, err, log = self._prog_load(name, insns, expected_attach_type, prog_type,
                                        log_size=0)
-        if fd < 0 and err not in (_errno.EPERM, _errno.EACCES):
+        privileged = has_trace_privileges()
+        if fd < 0 and (privileged or err not in (_errno.EPERM, _errno.EACCES)):
+            # With the privileges, EACCES is the verifier refusing the program:
+            # load again with its log to say why.
             fd, err, log = self._prog_load(name, insns, expected_attach_type, prog_type,
                                            log_size=4 << 20)
         if fd < 0:
-            if err in (_errno.EPERM, _errno.EACCES):
+            if err == _errno.EPERM or (err == _errno.EACCES and not privileged):
                 raise TracePermissionError(f"the kernel refused to load BPF program {name}")
             tail = " | ".join(log.strip().splitlines()[-6:])
             raise BpfError(f"the kernel rejected BPF program {name}: {os.strerror(err)}"
