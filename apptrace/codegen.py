@@ -76,6 +76,17 @@ class GroupPlan:
     fold: bool = False        # count (pid, comm, probe, site, stack) in the kernel; no events
     stack_entries: int = 16384
     table: bool = False       # argument specs in a map, read by one generic reader
+    # Several probes share the ring: its last quarter is kept for probes that
+    # rarely need it, so a hot one cannot starve the others (see _share_guard).
+    fair: bool = False
+    # A filter (--where): per reader id, (C condition or None where a name it
+    # uses is missing, argument fault bits it needs, whether it reads comm).
+    filters: Optional[list[tuple[Optional[str], int, bool]]] = None
+    spare_pages: int = 0      # fair groups: the spare ring's size
+
+    @property
+    def spare_bytes(self) -> int:
+        return self.spare_pages * 4096
 
     @property
     def name(self) -> str:
@@ -459,6 +470,108 @@ def render_generic(plan: GroupPlan) -> str:
     return render([plan])
 
 
+SPARE_WINDOW_SHIFT = 24   # a probe's budget in the spare ring renews every 16.8 ms
+SPARE_BUDGET = 64         # records per probe, CPU and window in the spare ring
+
+
+def _spare_c(g: GroupPlan) -> str:
+    """A fair group's spare ring, used only when the main ring is full, and
+    only by a probe that used it less than SPARE_BUDGET times (per CPU) in the
+    current window. A probe firing far more often than the others fills the
+    main ring and loses its excess (counted); the others' records still land
+    in the spare one. Nothing is counted while the main ring has room."""
+    n = g.name
+    return f"""struct {n}_share {{ u64 window; u64 n; }};
+BPF_PERCPU_ARRAY({n}_share, struct {n}_share, {max(g.nprobes, 1)});
+BPF_RINGBUF_OUTPUT({n}_rs, {g.spare_pages});
+static __always_inline int {n}_may_spare(u32 probe) {{
+    struct {n}_share *sh = {n}_share.lookup(&probe);
+    if (!sh) return 0;
+    u64 w = bpf_ktime_get_ns() >> {SPARE_WINDOW_SHIFT};
+    if (sh->window != w) {{ sh->window = w; sh->n = 0; }}
+    return ++sh->n <= {SPARE_BUDGET};
+}}"""
+
+
+def _render_filtered(g: GroupPlan, dispatch: str, stack: str) -> str:
+    """The body of a group with a filter: the record is filled in a per-CPU
+    scratch, the filter decides, and only a passing hit is copied into the
+    ring (a filtered-out hit costs no ring space). A hit whose filter cannot
+    be judged (an argument it needs faulted) is sent, marked as faulted."""
+    n = g.name
+    assert g.filters is not None
+    by_text: dict[str, list[int]] = {}
+    comm = False
+    for rid, (c, mask, uses_comm) in enumerate(g.filters):
+        cond = "0" if c is None else (f"(e->h.flags & {mask}u) || ({c})" if mask else c)
+        by_text.setdefault(cond, []).append(rid)
+        comm = comm or uses_comm
+    cases = "\n".join("".join(f"    case {rid}:" for rid in rids) + f" pass = {cond}; break;"
+                       for cond, rids in by_text.items())
+    comm_c = ("    char comm[16] = {};\n    bpf_get_current_comm(&comm, sizeof(comm));\n"
+              if comm else "")
+    # A fair group's record that goes to the spare ring carries comm, and the
+    # next one does too (the two rings are read one after the other).
+    spare = ""
+    if g.fair:
+        spare = f"""
+        if ({n}_may_spare(probe)) {{
+            if (e->h.flags & {FLAG_COMM_SAME}u) {{
+                bpf_get_current_comm(&e->h.comm, sizeof(e->h.comm));
+                e->h.flags &= ~{FLAG_COMM_SAME}u;
+            }}
+            if (last) last->tid = 0;
+            failed = {n}_rs.ringbuf_output(e, sizeof(*e), 0) != 0;
+        }}"""
+    return f"""BPF_PERCPU_ARRAY({n}_scratch, struct {n}_ev, 1);
+static __always_inline int {n}_body(struct pt_regs *ctx, u64 ck) {{
+{_GATE}
+    u32 probe = ck >> 32;
+    u32 zero = 0;
+    struct {n}_ev *e = {n}_scratch.lookup(&zero);
+    if (!e) return 0;
+    e->h.tid = (u32)id;  /* this CPU's scratch: checked again before the copy */
+    e->h.flags = 0;
+{dispatch}
+{comm_c}    u32 pass = 0;
+    switch (ck & 0xffff) {{
+{cases}
+    default: break;
+    }}
+    if (!pass) return 0;
+    e->h.ts = bpf_ktime_get_ns();
+    e->h.pid = id >> 32;
+    e->h.probe = probe;
+    e->h.site = (ck >> 16) & 0xffff;
+    e->h.nstack = 0;
+    ctl_slot = {CTL_GEN};
+    u64 *genp = apptrace_ctl.lookup(&ctl_slot);
+    u64 gen = genp ? *genp : 0;
+    ctl_slot = {CTL_NO_SHORTCUT};
+    u64 *off = apptrace_ctl.lookup(&ctl_slot);
+    struct apptrace_last *last = {n}_lasttid.lookup(&zero);
+    if (last && last->tid == e->h.tid && last->gen == gen && !(off && *off)) {{
+        e->h.flags |= {FLAG_COMM_SAME}u;
+        e->h.comm[0] = 0;
+    }} else {{
+        bpf_get_current_comm(&e->h.comm, sizeof(e->h.comm));
+        if (last) {{ last->tid = e->h.tid; last->gen = gen; }}
+    }}
+{stack}    /* A hit preempted here by another on this CPU would find its record
+       overwritten: counted lost, never sent mixed. */
+    int failed = e->h.tid != (u32)id;
+    if (!failed && {n}_rb.ringbuf_output(e, sizeof(*e), 0)) {{
+        failed = 1;{spare}
+    }}
+    if (failed) {{
+        u64 *c = {n}_lost.lookup(&probe);
+        if (c) *c += 1;
+        if (last) last->tid = 0;  /* the reader did not get this comm */
+    }}
+    return 0;
+}}"""
+
+
 def render(plans: list[GroupPlan], *, hold_at_entry: bool = False) -> str:
     """The whole C source for a session."""
     out = [header_c(), TASK_HOOKS]
@@ -506,10 +619,23 @@ def render(plans: list[GroupPlan], *, hold_at_entry: bool = False) -> str:
         if g.stack_depth:
             stack = ("    e->h.nstack = bpf_get_stack(ctx, e->stack, sizeof(e->stack),"
                      " BPF_F_USER_STACK);\n")
+        spare = same = ""
+        if g.fair:
+            out.append(_spare_c(g))
+            # A spare record carries comm: the other ring may be read later.
+            spare = (f"    int spare = 0;\n    if (!e && {n}_may_spare(probe)) {{\n"
+                     f"        e = {n}_rs.ringbuf_reserve(sizeof(struct {n}_ev));\n"
+                     f"        spare = 1;\n    }}\n")
+            same = "!spare && "
+        if g.filters is not None:
+            out.append(_render_filtered(g, dispatch, stack))
+            out.append(_entries(g))
+            continue
         out.append(f"""static __always_inline int {n}_body(struct pt_regs *ctx, u64 ck) {{
 {_GATE}
     u32 probe = ck >> 32;
     struct {n}_ev *e = {n}_rb.ringbuf_reserve(sizeof(struct {n}_ev));
+{spare}
     if (!e) {{
         u64 *c = {n}_lost.lookup(&probe);
         if (c) *c += 1;
@@ -533,12 +659,12 @@ def render(plans: list[GroupPlan], *, hold_at_entry: bool = False) -> str:
     ctl_slot = {CTL_NO_SHORTCUT};
     u64 *off = apptrace_ctl.lookup(&ctl_slot);
     struct apptrace_last *last = {n}_lasttid.lookup(&zero);
-    if (last && last->tid == e->h.tid && last->gen == gen && !(off && *off)) {{
+    if ({same}last && last->tid == e->h.tid && last->gen == gen && !(off && *off)) {{
         e->h.flags = {FLAG_COMM_SAME}u;
         e->h.comm[0] = 0;
     }} else {{
         bpf_get_current_comm(&e->h.comm, sizeof(e->h.comm));
-        if (last) {{ last->tid = e->h.tid; last->gen = gen; }}
+        if ({same}last) {{ last->tid = e->h.tid; last->gen = gen; }}
     }}
 {dispatch}
 {stack}    {n}_rb.ringbuf_submit(e, 0);

@@ -46,6 +46,7 @@ class ProbeHandle:
     probes: list[ProbeInfo] = field(default_factory=list)
     _session: Any = None
     fold: bool = False
+    where: Optional[str] = None
 
     @property
     def count(self) -> int:
@@ -128,16 +129,27 @@ class Session:
 
     # -- building -----------------------------------------------------------
 
-    def add(self, spec: str, *, stack: bool = False, fold: bool = False) -> ProbeHandle:
+    def add(self, spec: str, *, stack: bool = False, fold: bool = False,
+            where: Optional[str] = None) -> ProbeHandle:
         """Add a probe string (``usdt:...``, ``uprobe:...``, ``uretprobe:...``).
 
         ``stack`` captures the user stack with each event. ``fold`` counts
         identical (process, stack) pairs in the kernel instead of sending
-        events; read them with :meth:`folded`.
+        events; read them with :meth:`folded`. ``where`` is a filter
+        (:mod:`apptrace.expr`, e.g. ``'arg0 >= 4096 && comm == "java"'``) the
+        kernel applies before a hit takes ring space.
         """
         if self._state != "new":
             raise SessionStateError("probes must be added before the session starts")
-        h = ProbeHandle(parse_probe(spec, stack=stack or fold), _session=self, fold=fold)
+        if where is not None:
+            from apptrace.expr import parse
+
+            if fold:
+                raise OptionError("where", where, "no filter with fold (stacks are counted"
+                                  " without reading arguments)")
+            parse(where)  # a syntax error names its column now
+        h = ProbeHandle(parse_probe(spec, stack=stack or fold), _session=self, fold=fold,
+                        where=where)
         self._handles.append(h)
         return h
 
@@ -183,6 +195,8 @@ class Session:
             target.resolve()
             # A command's probes resolve against its file before it runs.
             self._groups = [Group(i, h.spec, fold=h.fold) for i, h in enumerate(self._handles)]
+            for h, g in zip(self._handles, self._groups):
+                g.where = h.where
             self._resolver.resolve(self._groups)
             for h, g in zip(self._handles, self._groups):
                 h.probes = [p.info for p in g.probes]
@@ -214,9 +228,15 @@ class Session:
 
     def _make_stream(self) -> EventStream:
         symbolize = self._symbolize_batch if self.symbolize else None
-        sources = [Source(g.ring, ArgDecoder(g, self._names, self._counts, symbolize=symbolize),
-                          [p.info.label for p in g.probes], g.spec.text, g)
-                   for g in self._groups if g.ring is not None]
+        sources = []
+        for g in self._groups:
+            if g.ring is None:
+                continue
+            decoder = ArgDecoder(g, self._names, self._counts, symbolize=symbolize)
+            labels = [p.info.label for p in g.probes]
+            sources.append(Source(g.ring, decoder, labels, g.spec.text, g))
+            if g.spare is not None:  # the ring rarer probes use when the main one is full
+                sources.append(Source(g.spare, decoder, labels, g.spec.text, g))
         return EventStream(sources, batch_ms=self.batch_ms, alive=self.target_alive,
                            before_drain=self._refresh_maps)
 

@@ -115,7 +115,7 @@ class TraceCommand(Command):
                               ringbuf_kb=args.ring_mb * 1024 if args.ring_mb else None,
                               symbolize=not args.no_symbolize)
             for p in args.probes:
-                session.add(p, stack=args.stack, fold=args.folded)
+                session.add(p, stack=args.stack, fold=args.folded, where=args.where)
             session.start()
             if modules is not None and session.target is not None:
                 modules.snapshot(session.target.pid)  # in case it exits before we print

@@ -65,6 +65,7 @@ class Group:
         self.gid = gid
         self.spec = spec
         self.fold = fold              # stacks counted in the kernel; no events
+        self.where: Optional[str] = None  # a filter the kernel applies before the ring
         self.probes: list[ProbePlan] = []
         self.readers: dict[str, int] = {}
         self.reader_plans: list[tuple[tuple[ArgRead, ...], int]] = []
@@ -73,6 +74,7 @@ class Group:
         self.str_size = 0  # bytes per string slot (str_max, or more for bytes[N])
         self.plan: Optional[GroupPlan] = None
         self.ring: Any = None          # a RingReader, once attached
+        self.spare: Any = None         # several probes: the spare ring's reader
 
     @property
     def retprobe(self) -> bool:

@@ -30,10 +30,11 @@ from apptrace.codegen import (
     table_strings,
 )
 from apptrace.engine.attach import Resolver, quiet_offset
+from apptrace.engine.filter import reader_exprs
 from apptrace.engine.plan import PROBE_AT, Group, cookie
 from apptrace.engine.target import HeldCommand
 from apptrace.errors import ApptraceError
-from apptrace.options import check_event_fits
+from apptrace.options import MIN_EVENTS_PER_RING, check_event_fits
 from apptrace.ringbuf import RingReader
 from apptrace.semaphores import ProcMemSemaphores
 
@@ -41,6 +42,9 @@ __all__ = ["TraceProgram", "TaskHooks", "ring_pages", "prepare", "generic_shapes
            "TABLE_THRESHOLD"]
 
 TABLE_THRESHOLD = 16  # argument layouts in one group before specs go in a map
+# Groups of several probes get a spare ring that the probes which rarely need
+# it use when the main one is full (codegen._spare_c); False only to measure.
+FAIR_SHARE = True
 RING_BUDGET_KB = 32 * 1024   # split across probe strings unless a size is given
 _SPEC_ARG = struct.Struct("<BBBBHHqQ")  # struct apptrace_arg
 _STR_SPEC = struct.Struct("<BBBxI")     # one slot of struct gN_strspec
@@ -63,6 +67,14 @@ def ring_pages(rings: int, ringbuf_kb: Optional[int] = None) -> int:
     return 1 << (pages - 1).bit_length()
 
 
+def spare_pages(pages: int, event_bytes: int) -> int:
+    """A fair group's spare ring: a quarter of its main ring, and room for a
+    few events (a power of two pages, like every ring)."""
+    need = -(-event_bytes * MIN_EVENTS_PER_RING // 4096)
+    n = max(pages // 4, need, 1)
+    return 1 << (n - 1).bit_length()
+
+
 def generic_shapes(*, str_size: int = 64, stack_depth: int = 32) -> list[str]:
     """The C of every common generic program: the session base (with and
     without the entry hold), each argument shape with 0, 1 or 2 strings, with
@@ -73,6 +85,10 @@ def generic_shapes(*, str_size: int = 64, stack_depth: int = 32) -> list[str]:
             for stack in (0, stack_depth):
                 texts.append(render_generic(GroupPlan(0, nargs, nstr, str_size, stack, 1, 1,
                                                       [], multi=True, table=nargs > 0)))
+            # a glob (several probes in one ring) without stacks
+            texts.append(render_generic(GroupPlan(0, nargs, nstr, str_size, 0, 1, 1, [],
+                                                  multi=True, table=nargs > 0, fair=True,
+                                                  spare_pages=1)))
     texts.append(render_generic(GroupPlan(0, 0, 0, str_size, stack_depth, 1, 1, [],
                                           multi=True, fold=True)))
     return texts
@@ -149,7 +165,14 @@ class TraceProgram:
                 g.str_size = (max(str_max, g.str_size) + 7) & ~7
                 plan = GroupPlan(g.gid, g.nargs, g.nstr, g.str_size, stack, pages,
                                  len(g.probes), g.reader_plans, multi=multi, fold=g.fold)
-                generic = multi and arg_tables is not False and g.nargs <= MAX_TABLE_ARGS
+                plan.fair = FAIR_SHARE and not g.fold and len(g.probes) > 1
+                if plan.fair:
+                    plan.spare_pages = spare_pages(pages, plan.event_struct().size)
+                if g.where is not None:  # per-reader C: not a generic program
+                    plan.filters = [(r.c, r.fault_mask, r.uses_comm)
+                                    for r in reader_exprs(g.where, g)]
+                generic = (multi and arg_tables is not False and g.nargs <= MAX_TABLE_ARGS
+                           and plan.filters is None)
                 if generic and not g.fold:
                     plan.nargs = min(n for n in NARGS_SHAPES if n >= g.nargs)
                     plan.nstr = min(n for n in NSTR_SHAPES if n >= g.nstr)
@@ -186,11 +209,14 @@ class TraceProgram:
         """The group's program from its shape alone; real sizes set at load."""
         shape = GroupPlan(0, plan.nargs, plan.nstr, plan.str_max, plan.stack_depth, 1, 1,
                           [], multi=True, fold=plan.fold, table=plan.table,
-                          stack_entries=plan.stack_entries)
+                          stack_entries=plan.stack_entries, fair=plan.fair,
+                          spare_pages=1 if plan.fair else 0)
         n = max(len(plan.readers), 1)
         prog = Program(render_generic(shape), shared=shared,
                        sizes={"g0_rb": plan.ringbuf_pages * 4096,
                               "g0_lost": max(plan.nprobes, 1),
+                              "g0_share": max(plan.nprobes, 1),
+                              "g0_rs": plan.spare_bytes,
                               "g0_specs": n, "g0_strs": n})
         self.compiled += not prog.from_cache
         return prog
@@ -265,6 +291,9 @@ class TraceProgram:
                     if s.semaphore_offset:
                         self._raise_procmem(s.binary, s.semaphore_offset, child)
         if not g.fold:
+            if g.plan.fair:
+                g.spare = RingReader(prog.map_fd(f"{name}_rs"), g.plan.spare_bytes,
+                                     g.record_struct(), probe_offset=PROBE_AT)
             g.ring = RingReader(prog.map_fd(f"{name}_rb"), g.plan.ringbuf_pages * 4096,
                                 g.record_struct(), probe_offset=PROBE_AT)
 
@@ -378,6 +407,9 @@ class TraceProgram:
                 if g.ring is not None:
                     g.ring.close()
                     g.ring = None
+                if g.spare is not None:
+                    g.spare.close()
+                    g.spare = None
             # Groups first: they borrow the base program's control map.
             for prog in reversed(self._programs()):
                 prog.close()
