@@ -24,7 +24,8 @@ _WHERE = {
                         "ProbeSpecError",
                         "ProcessGoneError", "ProcessNotFoundError", "SemaphoreConflictError",
                         "SemaphoreError", "SessionStateError", "SpawnError",
-                        "StrippedTlsError", "SymbolizerError", "TracePermissionError"],
+                        "StrippedTlsError", "SymbolizerError", "TracePermissionError",
+                        "TraceAssertionError", "RunTimeoutError", "RunFileError"],
     "apptrace.events": ["Event", "ProbeInfo", "Stats", "Unavailable"],
     "apptrace.probes": ["ProbeSpec", "parse_probe"],
     "apptrace.session": ["ProbeHandle", "Session"],
@@ -36,7 +37,13 @@ _MODULE_OF = {name: mod for mod, names in _WHERE.items() for name in names}
 __all__ = sorted(_MODULE_OF)
 
 
+# The probe families and helpers, reachable as attributes (``apptrace.ssl``).
+_SUBPACKAGES = ("ssl", "jvm", "testing", "engine", "usdt", "expr")
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"apptrace.{name}")
     mod = _MODULE_OF.get(name)
     if mod is None:
         raise AttributeError(f"module 'apptrace' has no attribute {name!r}")
@@ -79,6 +86,9 @@ if TYPE_CHECKING:
     from apptrace.errors import StrippedTlsError as StrippedTlsError
     from apptrace.errors import SymbolizerError as SymbolizerError
     from apptrace.errors import TracePermissionError as TracePermissionError
+    from apptrace.errors import TraceAssertionError as TraceAssertionError
+    from apptrace.errors import RunTimeoutError as RunTimeoutError
+    from apptrace.errors import RunFileError as RunFileError
     from apptrace.events import Event as Event
     from apptrace.events import ProbeInfo as ProbeInfo
     from apptrace.events import Stats as Stats

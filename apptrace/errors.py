@@ -42,6 +42,9 @@ __all__ = [
     "GcLogError",
     "NoTlsLibraryError",
     "StrippedTlsError",
+    "TraceAssertionError",
+    "RunTimeoutError",
+    "RunFileError",
 ]
 
 
@@ -320,3 +323,30 @@ class StrippedTlsError(NoTlsLibraryError):
                               " linking OpenSSL as a shared library")
         self.path = path
         self.what = what
+
+
+class TraceAssertionError(ApptraceError, AssertionError):
+    """What a test expected of a recorded run did not happen: the message
+    lists what was expected next to what fired (an AssertionError, so pytest
+    and unittest report it as a test failure, not an error)."""
+
+
+class RunTimeoutError(ApptraceError, TimeoutError):
+    """A program recorded by :mod:`apptrace.testing` outlived its timeout;
+    ``run`` holds what was recorded until it was stopped."""
+
+    def __init__(self, message: str, *, timeout: float, run: Any = None) -> None:
+        super().__init__(message, hint="raise the timeout, or check why the program did not"
+                                       " end (its output is in .run.output)")
+        self.timeout = timeout
+        self.run = run
+
+
+class RunFileError(ApptraceError, ValueError):
+    """A saved run (JSON lines) that cannot be read back: names the file and line."""
+
+    def __init__(self, message: str, *, path: str, line: int = 0) -> None:
+        where = f"{path}:{line}" if line else path
+        super().__init__(f"{where}: {message}")
+        self.path = path
+        self.line = line

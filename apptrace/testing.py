@@ -176,6 +176,7 @@ class Run:
         value may be ``...`` (anything), a type (``int``), a compiled regular
         expression (searched in a string) or a callable returning true.
         """
+        __tracebackhide__ = True  # pytest shows the test's line, not this one
         if count is not None and at_least is not None:
             raise OptionError("count", count, "not given together with at_least")
         for name, value in (("count", count), ("at_least", at_least)):
@@ -195,6 +196,7 @@ class Run:
     def assert_not_fired(self, probe: str, *, args: Optional[ArgSpec] = None,
                          where: Optional[Where] = None) -> None:
         """Assert that no event of ``probe`` matching ``args``/``where`` was recorded."""
+        __tracebackhide__ = True  # pytest shows the test's line, not this one
         got = self.select(probe, args=args, where=where)
         if got:
             self._fail_probe(f"expected {probe} not to fire{_conditions(args, where)};"
@@ -204,6 +206,7 @@ class Run:
         """Assert that events matching ``steps`` happened in this order (others may
         come between). A step is a probe, or ``(probe, args)``. Returns the
         events that matched, one per step (the earliest that fits)."""
+        __tracebackhide__ = True  # pytest shows the test's line, not this one
         if not steps:
             raise OptionError("steps", steps, "at least one probe")
         found: list[Event] = []
@@ -217,7 +220,7 @@ class Run:
                     found.append(ev)
                     break
             else:
-                after = (f" after {_ev_line(found[-1], self._t0)}" if found
+                after = (f" after: {_ev_line(found[-1], self._t0).strip()}" if found
                          else " at all")
                 wanted = " -> ".join(_step_text(s) for s in steps)
                 self._fail_probe(f"expected the order {wanted}; step {n + 1}"
@@ -227,6 +230,7 @@ class Run:
 
     def assert_exit_status(self, status: int = 0) -> None:
         """Assert how the command ended; the failure shows the end of its output."""
+        __tracebackhide__ = True  # pytest shows the test's line, not this one
         if self.exit_status != status:
             tail = "\n".join(self.output.splitlines()[-15:])
             raise TraceAssertionError(
@@ -271,11 +275,13 @@ class Run:
         """Assert that ``data`` (bytes, text as UTF-8, or a compiled bytes regular
         expression) appears in what one connection sent over TLS; returns the
         bytes that matched."""
+        __tracebackhide__ = True  # pytest shows the test's line, not this one
         return self._assert_tls("write", data, conn)
 
     def assert_received(self, data: Union[bytes, str, re.Pattern[bytes]], *,
                         conn: Union[Connection, int, None] = None) -> bytes:
         """Assert that ``data`` appears in what one connection received over TLS."""
+        __tracebackhide__ = True  # pytest shows the test's line, not this one
         return self._assert_tls("read", data, conn)
 
     def _streams(self, direction: str, conn: Union[Connection, int, None]) -> list[Any]:
@@ -296,6 +302,7 @@ class Run:
 
     def _assert_tls(self, direction: str, data: Union[bytes, str, re.Pattern[bytes]],
                     conn: Union[Connection, int, None]) -> bytes:
+        __tracebackhide__ = True  # pytest shows the test's line, not this one
         if isinstance(data, str):
             data = data.encode()
         if not isinstance(data, (bytes, re.Pattern)):
@@ -354,6 +361,7 @@ class Run:
         that recorded none fails rather than passing vacuously), none longer
         than ``max_pause_ms``, ``max_total_ms`` at most in all; ``full=False``:
         no full collection. Returns the pauses."""
+        __tracebackhide__ = True  # pytest shows the test's line, not this one
         pauses = self.pauses
         problems = []
         if len(pauses) < min_pauses:
@@ -444,6 +452,7 @@ class Run:
 
     def _fail_probe(self, headline: str, probe: str, args: Optional[ArgSpec],
                     where: Optional[Where], mark_all: bool = False) -> None:
+        __tracebackhide__ = True  # pytest shows the test's line, not this one
         lines = [headline]
         of_probe = [ev for ev in self.events if _probe_matches(probe, ev.probe)]
         traced = sorted(self.stats.per_probe)
@@ -623,7 +632,7 @@ def _step_text(step: Union[str, tuple[str, ArgSpec]]) -> str:
 
 def _ev_line(ev: Event, t0: int) -> str:
     args = " ".join(repr(a) if isinstance(a, (str, bytes)) else str(a) for a in ev.args)
-    return f"+{(ev.ts_ns - t0) / 1e6:.3f}ms {ev.comm}[{ev.pid}] {ev.probe.label} {args}".rstrip()
+    return f"{(ev.ts_ns - t0) / 1e6:9.3f} ms {ev.comm}[{ev.pid}] {ev.probe.label} {args}".rstrip()
 
 
 def _listing(events: Sequence[Event], probe: str, args: Optional[ArgSpec],
@@ -1125,7 +1134,13 @@ class Recorder:
 
     @property
     def running(self) -> bool:
-        return any(not fam.done for fam in self._families)
+        """Is anything still being recorded (the program runs, nobody stopped it)?"""
+        return self._run is None and any(not fam.done for fam in self._families)
+
+    @property
+    def result(self) -> Optional[Run]:
+        """The run, once :meth:`stop` or :meth:`wait` returned it; else None."""
+        return self._run
 
     def snapshot(self, timeout: float = 5.0) -> Run:
         """What was recorded so far, including events still in the kernel's
