@@ -401,7 +401,7 @@ class GcTracer:
                 exe = java_executable(self.command)
                 lib = libjvm_for_command(self.command)
                 att = self._attachment(lib)
-                self._held = HeldCommand(self.command, exe, self.command_stdout)
+                self._held = HeldCommand(self.command, exe, stdout=self.command_stdout)
                 att.attach(self._held.pid)
                 self._targets[self._held.pid] = ProcessRef(self._held.pid, 0.0,
                                                            os.path.basename(self.command[0]))

@@ -12,12 +12,10 @@ import glob
 import os
 import shlex
 import shutil
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from apptrace.engine.target import HeldCommand
 from apptrace.errors import (
     ApptraceError,
     CommandNotFoundError,
@@ -25,7 +23,6 @@ from apptrace.errors import (
     JvmProbesMissingError,
     NoProbesError,
     NotAJvmError,
-    SpawnError,
 )
 from apptrace.procs import ProcessRef, read_maps
 from apptrace.usdt.notes import Site
@@ -216,87 +213,3 @@ def libjvm_for_command(command: Sequence[str]) -> LibJvm:
         " with --all")
 
 
-class HeldCommand:
-    """A command started, but held before exec until :meth:`release`.
-
-    A tiny Python waits on a pipe, then execs the command in place (same
-    PID), so probes attached to that PID before the release see the JVM from
-    its first instruction on. Unlike a Session's launcher, this one needs no
-    exec gate in the BPF program: the probes are in libjvm.so, which the
-    Python launcher never maps, so nothing it runs can hit them.
-    """
-
-    def __init__(self, command: Sequence[str], exe: Optional[str] = None,
-                 stdout: Optional[int] = None) -> None:
-        self.command = list(command)
-        exe = exe or self.command[0]
-        r, w = os.pipe()
-        hold = ("import os, sys\n"
-                "fd = int(sys.argv[1])\n"
-                "if os.read(fd, 1) != b'g': sys.exit(125)\n"
-                "os.close(fd)\n"
-                "try:\n"
-                "    os.execv(sys.argv[2], sys.argv[3:])\n"
-                "except OSError as e:\n"
-                "    sys.stderr.write(f'apptrace: cannot run {sys.argv[3]}: {e.strerror}\\n')\n"
-                "    sys.exit(127 if e.errno == 2 else 126)\n")
-        try:
-            self.proc = subprocess.Popen([sys.executable, "-S", "-c", hold, str(r), exe,
-                                          *self.command], pass_fds=(r,), stdout=stdout)
-        except OSError as err:
-            os.close(r)
-            os.close(w)
-            raise SpawnError(f"cannot start {shlex.join(self.command)}: {err.strerror or err}",
-                             command=self.command[0], errno=err.errno or 0) from err
-        os.close(r)
-        self._release_fd: Optional[int] = w
-        self.pid = self.proc.pid
-        self.exit_status: Optional[int] = None
-
-    def release(self) -> None:
-        """Let the command run; return once it has replaced the holding shim."""
-        if self._release_fd is None:
-            return
-        shim = os.path.realpath(f"/proc/{self.pid}/exe") if os.path.exists(
-            f"/proc/{self.pid}/exe") else ""
-        try:
-            os.write(self._release_fd, b"go\n")
-        except OSError:
-            pass
-        os.close(self._release_fd)
-        self._release_fd = None
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                if os.path.realpath(f"/proc/{self.pid}/exe") != shim:
-                    break
-            except OSError:
-                break
-            time.sleep(0.0005)
-
-    def alive(self) -> bool:
-        if self.exit_status is None:
-            self.exit_status = self.proc.poll()
-        return self.exit_status is None
-
-    def wait(self, timeout: Optional[float] = None) -> Optional[int]:
-        try:
-            self.exit_status = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
-        return self.exit_status
-
-    def stop(self) -> None:
-        """A spawned command does not outlive its tracer: SIGTERM, then SIGKILL."""
-        if self._release_fd is not None:
-            os.close(self._release_fd)  # never released: the shim exits on EOF
-            self._release_fd = None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.exit_status is None:
-            self.exit_status = self.proc.returncode
