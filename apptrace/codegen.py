@@ -76,8 +76,9 @@ class GroupPlan:
     fold: bool = False        # count (pid, comm, probe, site, stack) in the kernel; no events
     stack_entries: int = 16384
     table: bool = False       # argument specs in a map, read by one generic reader
-    # Several probes share the ring: its last quarter is kept for probes that
-    # rarely need it, so a hot one cannot starve the others (see _share_guard).
+    # Several probes share the ring: a spare ring takes the records of probes
+    # that rarely need it when the main one is full, so a hot probe cannot
+    # starve the others (see _spare_c).
     fair: bool = False
     # A filter (--where): per reader id, (C condition or None where a name it
     # uses is missing, argument fault bits it needs, whether it reads comm).

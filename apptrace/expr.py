@@ -266,9 +266,22 @@ class _Compiler:
                 return f"((s64){left} {op} (s64){right})"
             return f"((u64){left} {op} (u64){right})"
         if op in ("/", "%"):
-            # BPF: division by zero gives 0 (and x % 0 gives x); say it the same way.
+            # Division by zero gives 0, as BPF defines it for '/'. Signed
+            # operands: BPF before cpu v4 has no signed division (clang gives
+            # up on it), so divide the magnitudes and put the sign back, as C
+            # does (the quotient truncates toward zero, the remainder takes
+            # the dividend's sign).
             if self.signed(a) or self.signed(b):
-                return f"((s64){right} ? (s64){left} {op} (s64){right} : 0)"
+                x, y = f"((s64){left})", f"((s64){right})"
+                ax = f"({x} < 0 ? -(u64){x} : (u64){x})"
+                ay = f"({y} < 0 ? -(u64){y} : (u64){y})"
+                if op == "/":
+                    mag = f"({ax} / {ay})"
+                    neg = f"(({x} < 0) != ({y} < 0))"
+                else:
+                    mag = f"({ax} % {ay})"
+                    neg = f"({x} < 0)"
+                return f"({y} ? ({neg} ? -(s64){mag} : (s64){mag}) : 0)"
             return f"((u64){right} ? (u64){left} {op} (u64){right} : 0)"
         if op == ">>" and self.signed(a):
             return f"((s64){left} >> ((u64){right} & 63))"

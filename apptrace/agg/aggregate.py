@@ -98,7 +98,7 @@ class Aggregator(KernelFamily):
         self.hist = parse_hist(hist) if isinstance(hist, str) else hist
         self.intervals = bool(intervals)
         self.max_keys = check_int("max_keys", max_keys, *MAX_KEYS)
-        self.key_str = (check_int("str_max", str_max, *KEY_STR_MAX) + 7) & ~7
+        self.key_str = check_int("str_max", str_max, *KEY_STR_MAX)
         self.symbolize = symbolize
         super().__init__(pid=pid, path=path, command=command, command_stdout=command_stdout,
                          semaphores=semaphores, multi=multi)
@@ -222,7 +222,7 @@ class Aggregator(KernelFamily):
             cut, fault = [], []
             for f, v in zip(fields, kvals):
                 raw_of[f.name] = v
-                shown[f.name] = _key_value(f, v, self._groups)
+                shown[f.name] = _key_value(f, v, self._groups, self.key_str)
                 if f.flag_bit >= 0:
                     if kflags >> (2 * f.flag_bit) & 1:
                         fault.append(f.name)
@@ -311,7 +311,7 @@ def _signed(v: int) -> int:
     return v - (1 << 64) if v >> 63 else v
 
 
-def _key_value(f: KeyField, v: Any, groups: Sequence[Group]) -> Any:
+def _key_value(f: KeyField, v: Any, groups: Sequence[Group], bound: int = 1 << 30) -> Any:
     if f.kind == "comm":
         return v.split(b"\0", 1)[0].decode("utf-8", "replace")
     if f.kind == "str":
@@ -324,7 +324,7 @@ def _key_value(f: KeyField, v: Any, groups: Sequence[Group]) -> Any:
         i = int(f.name[3:])
         n = max((g.spec.types[i].size for g in groups  # type: ignore[union-attr]
                  if i < len(g.spec.types) and g.spec.types[i] is not None), default=len(v))
-        return bytes(v[:n])
+        return bytes(v[:min(n, bound)])
     if f.kind == "probe":
         gid, pidx = v >> 32, v & 0xFFFFFFFF
         if gid < len(groups) and pidx < len(groups[gid].probes):

@@ -28,7 +28,14 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from apptrace.codegen import GATE, HOLD_AT_ENTRY, TASK_HOOKS, ArgRead, header_c, reader_c
-from apptrace.engine.filter import Names, ReaderExpr, int_c, reader_exprs, reader_slots
+from apptrace.engine.filter import (
+    Names,
+    ReaderExpr,
+    combine,
+    int_c,
+    reader_exprs,
+    reader_slots,
+)
 from apptrace.engine.plan import Group, Slot
 from apptrace.errors import OptionError
 from apptrace.expr import names_used, parse
@@ -146,7 +153,7 @@ def key_layout(plan: AggPlan, groups: Sequence[Group]) -> tuple[str, list[KeyFie
             flagged[k] = nflag
             nflag += 1
             if kind in ("str", "bytes"):
-                strs.append((k, kind, plan.key_str))
+                strs.append((k, kind, (plan.key_str + 7) & ~7))
             else:
                 signed, hexa = _int_key_shape(groups, int(k[3:]))
                 ints.append((k, "int", signed, hexa))
@@ -273,6 +280,8 @@ def _update_c(plan: AggPlan, nb: int) -> str:
             lo, hi, step = lin
             lines.append(f"    u32 b = h < {lo}LL ? 0 : h >= {hi}LL ? {nb - 1} :"
                          f" 1 + (u32)(((u64)h - (u64)({lo}LL)) / {step}ULL);")
+        # The compiler knows b < nb and would drop the check the verifier needs.
+        lines.append("    asm volatile(\"\" : \"+r\"(b));")
         lines.append(f"    if (b < {nb}) __sync_fetch_and_add(&v->hist[b], 1);")
     nx = max(len(plan.stats), 1)
     body = "\n".join(lines)
@@ -302,15 +311,15 @@ def group_c(g: Group, plan: AggPlan, fields: list[KeyField], *, prefix: str = "a
     be paired with their exits)."""
     n = f"{prefix}{g.gid}"
     ep = "k.epoch" if plan.has_head else "0"
-    where = " && ".join(f"({w})" for w in (plan.where, plan.group_where.get(g.gid)) if w)
+    wheres = [w for w in (plan.where, plan.group_where.get(g.gid)) if w]
     value_texts = [e for _s, e in plan.stats] + ([plan.hist[0]] if plan.hist else [])
     arg_keys = [k for k in plan.keys if k.startswith("arg")]
-    used = _args_used(([where] if where else []) + value_texts, arg_keys)
+    used = _args_used(wheres + value_texts, arg_keys)
     nargs = max([len(r) for r, _v in g.reader_plans] + [0])
     nstr = max([sum(1 for r in reads if r.str_slot >= 0) for reads, _v in g.reader_plans]
                + [0])
     need_args = bool(used) and nargs > 0
-    str_size = plan.key_str
+    str_size = plan.key_str + 1  # a key's cut shows in the byte after its bound
     for reads, _v in g.reader_plans:
         for i, r in enumerate(reads):
             if i in used and r.str_bytes:
@@ -318,8 +327,9 @@ def group_c(g: Group, plan: AggPlan, fields: list[KeyField], *, prefix: str = "a
     str_size = (str_size + 7) & ~7
     g.str_size = str_size
     names = Names(args="e->a", strs="e->s", flags="e->h.flags", comm="comm", id="id")
-    filt = reader_exprs(where, g, names, what="--where") if where else None
-    vals = [reader_exprs(t, g, names, what="this value") for t in value_texts]
+    filt = combine([reader_exprs(w, g, names, what="the filter") for w in wheres]) \
+        if wheres else None
+    vals = [reader_exprs(t, g, names, what="a value") for t in value_texts]
     uses_comm = "comm" in plan.keys or any(r.uses_comm for r in (filt or [])) or any(
         r.uses_comm for v in vals for r in v)
     out = []
@@ -352,7 +362,7 @@ def group_c(g: Group, plan: AggPlan, fields: list[KeyField], *, prefix: str = "a
             lines.extend(_value_lines(v[rid], j, len(plan.stats), ep))
         for f in fields:
             if f.name.startswith("arg"):
-                lines.extend(_arg_key_lines(f, int(f.name[3:]), reads, slots, str_size))
+                lines.extend(_arg_key_lines(f, int(f.name[3:]), reads, slots, plan.key_str))
         cases.append(f"    case {rid}: {{\n        " + "\n        ".join(lines)
                      + "\n        break;\n    }")
     switch = ("    switch (ck & 0xffff) {\n" + "\n".join(cases)
@@ -442,7 +452,8 @@ def _value_lines(r: ReaderExpr, j: int, nstats: int, ep: str) -> list[str]:
 
 
 def _arg_key_lines(f: KeyField, i: int, reads: tuple[ArgRead, ...], slots: list[Slot],
-                   str_size: int) -> list[str]:
+                   bound: int) -> list[str]:
+    """Set an argument's key field (a string cut at ``bound`` bytes, the cut marked)."""
     fault = 1 << (2 * f.flag_bit)
     cut = 1 << (2 * f.flag_bit + 1)
     if i >= len(slots) or slots[i].unavailable is not None or i >= len(reads):
@@ -456,15 +467,15 @@ def _arg_key_lines(f: KeyField, i: int, reads: tuple[ArgRead, ...], slots: list[
         if r.str_len_arg >= 0:
             lines[0] = f"if (e->h.flags & {(1 << i) | (1 << r.str_len_arg)}u) k.kflags |= {fault}u;"
         lines.append(f"__builtin_memcpy(k.k_{f.name}, e->s[{r.str_slot}], {f.size});")
+        if bound < f.size:
+            lines.append(f"__builtin_memset(k.k_{f.name} + {bound}, 0, {f.size - bound});")
         if r.str_bytes:
-            if r.str_bytes > f.size:
+            if r.str_bytes > bound:
                 lines.append(f"k.kflags |= {cut}u;")
         elif r.str_len_arg >= 0:
-            lines.append(f"if (e->h.flags & {1 << (16 + r.str_slot)}u || e->a[{r.str_len_arg}]"
-                         f" > {f.size}) k.kflags |= {cut}u;")
-        else:
-            lines.append(f"if (e->h.flags & {1 << (16 + r.str_slot)}u ||"
-                         f" k.k_{f.name}[{f.size - 1}]) k.kflags |= {cut}u;")
+            lines.append(f"if (e->a[{r.str_len_arg}] > {bound}) k.kflags |= {cut}u;")
+        else:  # the slot holds bound + 1 bytes or more: a longer string has a byte there
+            lines.append(f"if (e->s[{r.str_slot}][{bound}]) k.kflags |= {cut}u;")
         return lines
     c, _signed = int_c(f"e->a[{i}]", sl)
     lines.append(f"k.k_{f.name} = (u64)({c});")

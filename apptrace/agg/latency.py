@@ -102,7 +102,7 @@ class Latency(KernelFamily):
         self.intervals = bool(intervals)
         self.max_keys = check_int("max_keys", max_keys, *MAX_KEYS)
         self.max_in_flight = check_int("max_in_flight", max_in_flight, *MAX_IN_FLIGHT)
-        self.key_str = (check_int("str_max", str_max, *KEY_STR_MAX) + 7) & ~7
+        self.key_str = check_int("str_max", str_max, *KEY_STR_MAX)
         # A function's own entry and return: exits checked by stack pointer.
         self.by_stack = (self.entry.kind == "uprobe" and self.exit.kind == "uretprobe"
                          and self.entry.offset is None and "+" not in self.entry.name)
@@ -324,7 +324,7 @@ class Latency(KernelFamily):
             cut, fault = [], []
             shown: dict[str, Any] = {}
             for f, v in zip(plan.fields, kvals):
-                shown[f.name] = _key_value(f, v, self._groups[:1])
+                shown[f.name] = _key_value(f, v, self._groups[:1], self.key_str)
                 if f.flag_bit >= 0:
                     if kflags >> (2 * f.flag_bit) & 1:
                         fault.append(f.name)

@@ -152,7 +152,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         say(f"apptrace: {err}")
         return err.exit_code
     except ApptraceError as err:
-        say(f"apptrace: error: {err}")
+        # One line; an expression error adds its text and a caret under the column.
+        first, *more = str(err).split("\n")
+        say(f"apptrace: error: {first}")
+        for line in more:
+            say(line)
         return 1
     except KeyboardInterrupt:
         return 130

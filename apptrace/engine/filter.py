@@ -19,9 +19,9 @@ from typing import Optional, Sequence
 
 from apptrace.engine.plan import Group, Slot
 from apptrace.errors import ExpressionError
-from apptrace.expr import Env, compile_c, names_used, parse
+from apptrace.expr import Env, Expr, compile_c, names_used, parse
 
-__all__ = ["Names", "reader_env", "reader_exprs", "reader_slots", "ReaderExpr"]
+__all__ = ["Names", "reader_env", "reader_exprs", "reader_slots", "ReaderExpr", "combine"]
 
 _BITS = {1: "8", 2: "16", 4: "32", 8: "64"}
 FLOAT_REASON = "a floating-point argument: expressions compare integers and strings"
@@ -107,24 +107,38 @@ class ReaderExpr:
     uses_comm: bool
 
 
+def _first(tree: Expr, names: set[str]) -> Optional[Expr]:
+    """The leftmost use of one of ``names``."""
+    if tree.op == "name" and str(tree.value) in names:
+        return tree
+    for a in tree.args:
+        hit = _first(a, names)
+        if hit is not None:
+            return hit
+    return None
+
+
 def reader_exprs(text: str, g: Group, names: Names = Names(), *,
                  what: str = "expression") -> list[ReaderExpr]:
     """The expression's C for each reader of a resolved group."""
     tree = parse(text)  # syntax errors first, the same for every reader
     used = names_used(tree)
     out: list[ReaderExpr] = []
-    first_missing: Optional[ExpressionError] = None
+    missing: Optional[ExpressionError] = None
     for slots in reader_slots(g):
         env, bits = reader_env(slots or [], g.str_size, names)
-        gone = sorted(n for n in used if n in env.missing or
-                      (n.startswith("arg") and n[3:].isdigit() and n not in env.ints
-                       and n not in env.strs))
+        gone = {n for n in used if n not in env.ints and n not in env.strs
+                and (n in env.missing or (n.startswith("arg") and n[3:].isdigit()))}
         if gone:
-            if first_missing is None:
-                try:
-                    compile_c(text, env)
-                except ExpressionError as err:
-                    first_missing = err
+            if missing is None:
+                node = _first(tree, gone)
+                assert node is not None
+                name = str(node.value)
+                have = sum(1 for n in env.ints if n.startswith("arg")) + sum(
+                    1 for n in env.strs if n.startswith("arg"))
+                args = "none" if not have else "arg0" if have == 1 else f"arg0..arg{have - 1}"
+                why = env.missing.get(name) or f"no {name} here (arguments: {args})"
+                missing = ExpressionError(text, node.col, why)
             out.append(ReaderExpr(None, 0, False))
             continue
         mask = 0
@@ -132,8 +146,22 @@ def reader_exprs(text: str, g: Group, names: Names = Names(), *,
             mask |= bits.get(n, 0)
         out.append(ReaderExpr(compile_c(text, env), mask, "comm" in used))
     if out and all(r.c is None for r in out):
-        assert first_missing is not None
-        raise ExpressionError(first_missing.text, first_missing.column,
-                              f"{first_missing.reason} (in {g.spec.text}; {what} needs it"
-                              " at some site)")
+        assert missing is not None
+        raise ExpressionError(text, missing.column,
+                              f"{missing.reason}, at every site of {g.spec.text} ({what})")
+    return out
+
+
+def combine(exprs: Sequence[list[ReaderExpr]]) -> list[ReaderExpr]:
+    """Several filters per reader, all of which must hold."""
+    out = []
+    for per_reader in zip(*exprs):
+        if any(r.c is None for r in per_reader):
+            out.append(ReaderExpr(None, 0, False))
+            continue
+        mask = 0
+        for r in per_reader:
+            mask |= r.fault_mask
+        out.append(ReaderExpr(" && ".join(f"({r.c})" for r in per_reader), mask,
+                              any(r.uses_comm for r in per_reader)))
     return out
