@@ -439,7 +439,7 @@ class Run:
             lines.append(f"{self.stats.events} probe events ({per or 'no probe attached'});"
                          f" {self.stats.lost} lost")
         if self.tls:
-            lines.append(f"{len(self.tls)} TLS items on {len(self.connections)} connections;"
+            lines.append(f"{len(self.tls)} TLS items on {len(self.connections)} connection(s);"
                          f" {self.tls_lost} lost")
         if self.gc:
             lines.append(f"{len(self.pauses)} GC pauses, longest {self.max_pause_ms:.3f} ms;"
@@ -1287,8 +1287,12 @@ def tracing_unavailable() -> Optional[str]:
     from apptrace import capabilities
 
     if not capabilities.has_trace_privileges():
-        return ("tracing needs root, or CAP_BPF with CAP_PERFMON (this process has"
-                f" uid {os.geteuid()} and not those capabilities); run `apptrace doctor`")
+        if os.geteuid() == 0:
+            return ("tracing needs CAP_SYS_ADMIN, or CAP_BPF with CAP_PERFMON, and this"
+                    " process runs as root without them (dropped by a container or setpriv);"
+                    " run `apptrace doctor`")
+        return (f"tracing needs root, or CAP_BPF with CAP_PERFMON (this process runs as uid"
+                f" {os.geteuid()}); run the tests as root, or see `apptrace doctor`")
     ok, why = capabilities.can_load_bpf()
     if not ok:
         return f"the kernel refuses BPF programs here: {why}"
