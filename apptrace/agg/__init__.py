@@ -11,6 +11,7 @@ Results are immutable: :class:`AggregateResult`, :class:`LatencyResult`.
 from __future__ import annotations
 
 from apptrace.agg.aggregate import AggregateHandle, Aggregator
+from apptrace.agg.latency import Latency
 from apptrace.agg.results import (
     AggregateResult,
     Bucket,
@@ -21,5 +22,5 @@ from apptrace.agg.results import (
 )
 from apptrace.agg.spec import HistSpec, parse_hist, parse_keys
 
-__all__ = ["Aggregator", "AggregateHandle", "AggregateResult", "Row", "Histogram", "Bucket",
+__all__ = ["Aggregator", "AggregateHandle", "Latency", "AggregateResult", "Row", "Histogram", "Bucket",
            "HistSpec", "parse_hist", "parse_keys", "LatencyResult", "LatencyRow"]

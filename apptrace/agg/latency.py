@@ -68,8 +68,8 @@ _VAL = struct.Struct("<QQQQ65Q")
 def exit_for(entry: ProbeSpec) -> str:
     """The default exit of an entry probe string: the same function's return."""
     if entry.kind != "uprobe":
-        raise OptionError("exit", None, "an exit probe string: pairs of USDT probes need"
-                          " both (usdt:P:start usdt:P:done)")
+        raise OptionError("exit", "(none)", "an exit probe string: pairs of USDT probes"
+                          " need both (usdt:P:start usdt:P:done)")
     return f"uretprobe:{entry.binary}:{entry.name}"
 
 
@@ -86,10 +86,10 @@ class Latency(KernelFamily):
                  max_keys: int = 10240, max_in_flight: int = 65536, str_max: int = 64,
                  semaphores: str = "kernel", multi: Optional[bool] = None) -> None:
         self.entry = parse_probe(entry)
-        self.exit = parse_probe(exit if exit is not None else exit_for(self.entry))
         if self.entry.kind == "uretprobe":
             raise OptionError("entry", entry, "a uprobe or USDT probe string (a uretprobe"
                               " is an exit)")
+        self.exit = parse_probe(exit if exit is not None else exit_for(self.entry))
         if self.exit.kind == "uprobe" and self.exit.offset is None and "+" not in \
                 self.exit.name and self.entry.kind == "uprobe":
             raise OptionError("exit", exit, "a uretprobe or USDT probe string (a function's"
