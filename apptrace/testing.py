@@ -53,8 +53,8 @@ from apptrace.events import Event, ProbeInfo, Stats, Unavailable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from apptrace.jvm import GcCycle, GcPause
-    from apptrace.ssl import Chunk, Connection, Gap
+    from apptrace.jvm import GcPause
+    from apptrace.ssl import Connection
 
 __all__ = ["Recorder", "Run", "RunStats", "attach", "jvm_unavailable", "load", "run", "start",
            "tracing_unavailable"]
@@ -292,9 +292,11 @@ class Run:
         out = []
         for cid in ids:
             try:
-                out.append(reassemble(self.tls, cid, direction))
+                st = reassemble(self.tls, cid, direction)
             except LookupError:  # nothing that way on this connection
                 continue
+            if st.data or st.gaps:  # (only peeks: nothing in the stream)
+                out.append(st)
         return out
 
     def _bytes(self, direction: str, conn: Union[Connection, int, None]) -> bytes:
@@ -545,10 +547,10 @@ def _show(expected: Any) -> str:
 def _arg_problem(ev: Event, args: ArgSpec) -> Optional[str]:
     items = args.items() if isinstance(args, Mapping) else enumerate(args)
     for i, exp in items:
-        if exp is ...:
-            continue
         if i >= len(ev.args):
             return f"it has no argument {i}"
+        if exp is ...:
+            continue
         got = ev.args[i]
         if isinstance(got, Unavailable):
             return f"arg {i} is unavailable ({got.reason}), expected {_show(exp)}"

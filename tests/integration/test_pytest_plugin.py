@@ -14,10 +14,8 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-
 from helpers import missing
 
 pytest_plugins = ["pytester"]

@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import missing
 
 import apptrace
 import apptrace.testing as T
-from helpers import missing
 
 pytestmark = pytest.mark.bpf
 
