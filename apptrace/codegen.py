@@ -472,7 +472,7 @@ def render_generic(plan: GroupPlan) -> str:
 
 
 SPARE_WINDOW_SHIFT = 24   # a probe's budget in the spare ring renews every 16.8 ms
-SPARE_BUDGET = 64         # records per probe, CPU and window in the spare ring
+SPARE_BUDGET = 32         # records per probe, CPU and window in the spare ring (~1900/s)
 
 
 def _spare_c(g: GroupPlan) -> str:

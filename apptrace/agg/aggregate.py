@@ -125,7 +125,7 @@ class Aggregator(KernelFamily):
                        (self.hist.expr, self.hist.linear) if self.hist else None, self.where,
                        {g.gid: h.where for g, h in zip(groups, self._handles) if h.where},
                        intervals=self.intervals, max_keys=self.max_keys, key_str=self.key_str,
-                       multi=self.multi)
+                       multi=self.multi, gate=self._target.command is not None)
         for g in groups:
             plan.site_cookies[g.gid] = self.site_cookies(g)
         text = render_aggregate(groups, plan)

@@ -40,7 +40,7 @@ from apptrace.engine.plan import Group, Slot
 from apptrace.errors import OptionError
 from apptrace.expr import names_used, parse
 
-__all__ = ["KeyField", "AggPlan", "render_aggregate", "key_layout", "group_c", "LOG2_C",
+__all__ = ["KeyField", "AggPlan", "render_aggregate", "key_layout", "group_c", "gate_c", "LOG2_C",
            "DROP_C", "DROP_FULL", "DROP_VALUE", "DROP_FILTER", "DROP_RACE", "DROP_UNMATCHED",
            "DROP_ABANDONED", "DROP_START", "DROP_SLOTS", "decode_key"]
 
@@ -68,11 +68,12 @@ static __always_inline u32 agg_log2_bucket(s64 v) {
 }"""
 
 
-DROP_C = f"""static __always_inline void agg_drop_one(u32 epoch, u32 why) {{
+DROP_C = f"""static __always_inline void agg_drop_n(u32 epoch, u32 why, u64 n) {{
     u32 i = (epoch & 1) * {DROP_SLOTS} + why;
     u64 *c = agg_drop.lookup(&i);
-    if (c) __sync_fetch_and_add(c, 1);
-}}"""
+    if (c) __sync_fetch_and_add(c, n);
+}}
+static __always_inline void agg_drop_one(u32 epoch, u32 why) {{ agg_drop_n(epoch, why, 1); }}"""
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class AggPlan:
     key_str: int = 64
     stack_entries: int = 16384
     multi: bool = True
+    gate: bool = True         # a held command: drop hits in apptrace's launcher (GATE)
     site_cookies: dict[int, list[int]] = field(default_factory=dict)  # gid → cookies (perf)
     # filled by render_aggregate:
     fields: list[KeyField] = field(default_factory=list)
@@ -150,8 +152,9 @@ def key_layout(plan: AggPlan, groups: Sequence[Group]) -> tuple[str, list[KeyFie
     for k in keys:
         if k.startswith("arg"):
             kind = _arg_types(groups, k)
-            flagged[k] = nflag
-            nflag += 1
+            if kind in ("str", "bytes") or _may_fault(groups, int(k[3:])):
+                flagged[k] = nflag
+                nflag += 1
             if kind in ("str", "bytes"):
                 strs.append((k, kind, (plan.key_str + 7) & ~7))
             else:
@@ -192,6 +195,24 @@ def key_layout(plan: AggPlan, groups: Sequence[Group]) -> tuple[str, list[KeyFie
         for f in fields)
     plan.key_struct = struct.Struct(fmt)
     return "struct agg_key {\n" + "\n".join(lines) + "\n};", fields
+
+
+def _may_fault(groups: Sequence[Group], i: int) -> bool:
+    """Can argument ``i`` fail to be read at some site (a memory read, or no
+    such argument)? Registers and constants cannot: their key needs no flags."""
+    for g in groups:
+        for reads, _v in g.reader_plans:
+            if i >= len(reads):
+                return True
+            r = reads[i]
+            if r.reg is not None:
+                continue
+            if r.usdt is None or r.usdt.kind not in ("register", "constant"):
+                return True
+        for slots in reader_slots(g):
+            if slots is None or i >= len(slots) or slots[i].unavailable is not None:
+                return True
+    return False
 
 
 def _int_key_shape(groups: Sequence[Group], i: int) -> tuple[bool, bool]:
@@ -304,7 +325,8 @@ def _update_c(plan: AggPlan, nb: int) -> str:
 
 
 def group_c(g: Group, plan: AggPlan, fields: list[KeyField], *, prefix: str = "ag",
-             tail: str = "    agg_update(&k, x, h);\n", pass_flag: bool = False) -> str:
+             tail: str = "    agg_update(&k, x, h);\n", pass_flag: bool = False,
+             uses_id: bool = False) -> str:
     """One probe string's body: read, filter, build the key, then ``tail``
     (by default: update the map). With ``pass_flag`` a hit the filter rejects
     goes on with ``pass = 0`` instead of returning (latency entries must still
@@ -332,6 +354,11 @@ def group_c(g: Group, plan: AggPlan, fields: list[KeyField], *, prefix: str = "a
     vals = [reader_exprs(t, g, names, what="a value") for t in value_texts]
     uses_comm = "comm" in plan.keys or any(r.uses_comm for r in (filt or [])) or any(
         r.uses_comm for v in vals for r in v)
+    # bpf_get_current_pid_tgid() only when something reads it (each helper
+    # call is a few percent of a hit).
+    names = set().union(*(names_used(parse(t)) for t in wheres + value_texts))
+    uses_id = bool(uses_id or plan.gate or "ustack" in plan.keys
+                   or {"pid", "tid"} & (names | set(plan.keys) | set(plan.hidden)))
     out = []
     on_stack = need_args and (nstr == 0 or 8 + 8 * nargs + nstr * str_size <= STACK_ARGS_BYTES)
     if need_args:
@@ -404,7 +431,7 @@ def group_c(g: Group, plan: AggPlan, fields: list[KeyField], *, prefix: str = "a
     if uses_comm:
         comm_decl = "    char comm[16] = {};\n    bpf_get_current_comm(&comm, sizeof(comm));\n"
     body = f"""static __always_inline int {n}_body(struct pt_regs *ctx, u64 ck) {{
-{GATE}
+{gate_c(plan.gate, uses_id or (need_args and not on_stack))}
     u32 probe = ck >> 32;
     (void)probe;
     struct agg_key k;
@@ -419,12 +446,23 @@ def group_c(g: Group, plan: AggPlan, fields: list[KeyField], *, prefix: str = "a
     out.append(body)
     entries = []
     if plan.multi:
-        entries.append(f"int {n}_multi(struct pt_regs *ctx) {{"
-                       f" return {n}_body(ctx, bpf_get_attach_cookie(ctx)); }}")
+        # One argument layout and one probe (or no use of which probe fired):
+        # the cookie says nothing, and reading it is a few percent of a hit.
+        const = len(g.reader_plans) == 1 and (len(g.probes) == 1 or not any(
+            f.name == "probe" for f in fields))
+        ck_c = "0" if const else "bpf_get_attach_cookie(ctx)"
+        entries.append(f"int {n}_multi(struct pt_regs *ctx) {{ return {n}_body(ctx, {ck_c}); }}")
     for ck in plan.site_cookies.get(g.gid, []):
         entries.append(f"int {n}_c{ck:x}(struct pt_regs *ctx) {{ return {n}_body(ctx, {ck}ULL); }}")
     out.append("\n".join(entries))
     return "\n\n".join(out)
+
+
+def gate_c(gate: bool, uses_id: bool = True) -> str:
+    """The head of a body: the exec gate of a held command, or the ids if used."""
+    if gate:
+        return GATE
+    return "    u64 id = bpf_get_current_pid_tgid();" if uses_id else "    u64 id = 0;"
 
 
 def _filter_lines(r: ReaderExpr, ep: str, pass_flag: bool = False) -> list[str]:
@@ -454,6 +492,8 @@ def _value_lines(r: ReaderExpr, j: int, nstats: int, ep: str) -> list[str]:
 def _arg_key_lines(f: KeyField, i: int, reads: tuple[ArgRead, ...], slots: list[Slot],
                    bound: int) -> list[str]:
     """Set an argument's key field (a string cut at ``bound`` bytes, the cut marked)."""
+    if f.flag_bit < 0:  # a register or constant at every site: nothing to flag
+        return [f"k.k_{f.name} = (u64)({int_c(f'e->a[{i}]', slots[i])[0]});"]
     fault = 1 << (2 * f.flag_bit)
     cut = 1 << (2 * f.flag_bit + 1)
     if i >= len(slots) or slots[i].unavailable is not None or i >= len(reads):

@@ -42,13 +42,14 @@ from apptrace.agg.bpfgen import (
     LOG2_C,
     AggPlan,
     decode_key,
+    gate_c,
     group_c,
     key_layout,
 )
 from apptrace.agg.family import GRACE_S, KernelFamily, delete_key, percpu_values
 from apptrace.agg.results import LatencyResult, LatencyRow, log2_histogram
 from apptrace.agg.spec import KEY_STR_MAX, MAX_KEYS, check_expr, parse_keys
-from apptrace.codegen import GATE, TASK_HOOKS, header_c
+from apptrace.codegen import TASK_HOOKS, header_c
 from apptrace.engine.plan import Group
 from apptrace.engine.target import Stdout
 from apptrace.errors import OptionError, SessionStateError
@@ -58,9 +59,9 @@ from apptrace.probes import ProbeSpec, parse_probe
 __all__ = ["Latency", "exit_for"]
 
 LAT_BY = ("pid", "tid", "comm", "probe")
-MAX_KEY_BYTES = 160  # the key is copied into the start record, both on the BPF stack
+MAX_DEPTH = 32       # calls in flight timed per thread (deeper ones are counted, not timed)
 UNWIND = 16          # abandoned entries dropped per hit, at most (the rest on later hits)
-MAX_IN_FLIGHT = (16, 1 << 20)
+MAX_THREADS = (16, 1 << 20)
 _U32 = struct.Struct("<I")
 _VAL = struct.Struct("<QQQQ65Q")
 
@@ -83,7 +84,7 @@ class Latency(KernelFamily):
                  path: Optional[str] = None, command: Optional[Sequence[str]] = None,
                  command_stdout: Stdout = None, by: Union[str, Sequence[str], None] = (),
                  where: Optional[str] = None, intervals: bool = False,
-                 max_keys: int = 10240, max_in_flight: int = 65536, str_max: int = 64,
+                 max_keys: int = 10240, max_threads: int = 8192, str_max: int = 64,
                  semaphores: str = "kernel", multi: Optional[bool] = None) -> None:
         self.entry = parse_probe(entry)
         if self.entry.kind == "uretprobe":
@@ -101,7 +102,7 @@ class Latency(KernelFamily):
         self.where = check_expr("where", where)
         self.intervals = bool(intervals)
         self.max_keys = check_int("max_keys", max_keys, *MAX_KEYS)
-        self.max_in_flight = check_int("max_in_flight", max_in_flight, *MAX_IN_FLIGHT)
+        self.max_threads = check_int("max_threads", max_threads, *MAX_THREADS)
         self.key_str = check_int("str_max", str_max, *KEY_STR_MAX)
         # A function's own entry and return: exits checked by stack pointer.
         self.by_stack = (self.entry.kind == "uprobe" and self.exit.kind == "uretprobe"
@@ -123,22 +124,21 @@ class Latency(KernelFamily):
     def _render(self, groups: list[Group]) -> str:
         entry, exit_ = groups
         plan = AggPlan(self.by, (), None, self.where, intervals=self.intervals,
-                       max_keys=self.max_keys, key_str=self.key_str, multi=self.multi)
+                       max_keys=self.max_keys, key_str=self.key_str, multi=self.multi,
+                       gate=self._target.command is not None)
         plan.site_cookies = {0: self.site_cookies(entry), 1: self.site_cookies(exit_)}
         key_c, fields = key_layout(plan, [entry])
-        if plan.key_struct is not None and plan.key_struct.size > MAX_KEY_BYTES:
-            raise OptionError("by", ",".join(self.by), f"a key of at most {MAX_KEY_BYTES}"
-                              " bytes (it is stored with each call in flight): fewer string"
-                              " keys, or a smaller --str-max")
         self._plan = plan
         ep = "k.epoch" if plan.has_head else "0"
         out = [header_c(), TASK_HOOKS, key_c, LOG2_C]
         out.append("struct lat_val { u64 count; u64 total; u64 min; u64 max; u64 hist[65]; };")
-        out.append("struct lat_start { u64 ts; u64 sp; u32 pass; u32 pad; struct agg_key k; };")
-        out.append("struct lat_slot { u32 tid; u32 depth; };")
-        out.append(f'BPF_TABLE("lru_hash", u32, u32, lat_depth, {self.max_in_flight});')
-        out.append(f'BPF_TABLE("lru_hash", struct lat_slot, struct lat_start, lat_starts,'
-                   f' {self.max_in_flight});')
+        # Per thread: its depth and the calls in flight, one slot per level.
+        out.append("struct lat_slot { u64 ts; u64 sp; u32 pass; u32 pad; struct agg_key k; };")
+        out.append(f"struct lat_thread {{ u32 depth; u32 pad; struct lat_slot s[{MAX_DEPTH}];"
+                   " };")
+        out.append(f'BPF_TABLE("lru_hash", u32, struct lat_thread, lat_threads,'
+                   f' {self.max_threads});')
+        out.append("BPF_PERCPU_ARRAY(lat_zero, struct lat_thread, 1);")
         out.append(f"BPF_PERCPU_HASH(agg_vals, struct agg_key, struct lat_val,"
                    f" {self.max_keys});")
         out.append("BPF_PERCPU_ARRAY(agg_zero, struct lat_val, 1);")
@@ -160,107 +160,117 @@ class Latency(KernelFamily):
     if (ns > v->max) v->max = ns;
     __sync_fetch_and_add(&v->total, ns);
     u32 b = agg_log2_bucket((s64)ns);
+    asm volatile("" : "+r"(b));
     if (b < 65) __sync_fetch_and_add(&v->hist[b], 1);
     __sync_fetch_and_add(&v->count, 1);
+}}
+/* This thread's record, made on its first entry (an LRU map: threads that
+   are gone make room). */
+static __always_inline struct lat_thread *lat_thread_of(u32 tid) {{
+    struct lat_thread *t = lat_threads.lookup(&tid);
+    if (t) return t;
+    u32 z = 0;
+    struct lat_thread *init = lat_zero.lookup(&z);
+    if (!init) return 0;
+    lat_threads.insert(&tid, init);
+    return lat_threads.lookup(&tid);
 }}""")
-        # Entry: drop entries of frames this call shows are gone (stack mode),
-        # store this one at the thread's depth, go one deeper. A start the map
-        # cannot hold still takes its depth, so later pairs stay aligned.
+        # Entry: drop slots of frames this call shows are gone (stack mode),
+        # store this call at the thread's depth, go one deeper. A call deeper
+        # than the slots still takes its depth, so later pairs stay aligned.
         unwind = ""
         if self.by_stack:
             unwind = f"""
+    u32 gone = 0;
 #pragma unroll
     for (int i = 0; i < {UNWIND}; i++) {{
-        if (d == 0) break;
-        struct lat_slot up = {{ tid, d - 1 }};
-        struct lat_start *s = lat_starts.lookup(&up);
-        if (!s || s->sp > sp) break;   /* a live caller (or unknown: keep it) */
-        lat_starts.delete(&up);
-        agg_drop_one({ep}, {DROP_ABANDONED});
+        if (d == 0 || d > {MAX_DEPTH}) break;
+        if (t->s[(d - 1) & {MAX_DEPTH - 1}].sp > sp) break;   /* a live caller */
+        gone++;
         d--;
-    }}"""
+    }}
+    if (gone) agg_drop_n({ep}, {DROP_ABANDONED}, gone);"""
         push = f"""    u32 tid = (u32)id;
     u64 sp = ctx->sp;
     (void)sp;
-    u32 *dp = lat_depth.lookup(&tid);
-    u32 d = dp ? *dp : 0;{unwind}
-    struct lat_start st = {{}};
-    st.ts = bpf_ktime_get_ns();
-    st.sp = sp;
-    st.pass = pass;
-    st.k = k;
-    struct lat_slot at = {{ tid, d }};
-    if (lat_starts.update(&at, &st)) agg_drop_one({ep}, {DROP_START});
-    d++;
-    lat_depth.update(&tid, &d);
+    struct lat_thread *t = lat_thread_of(tid);
+    if (!t) {{ agg_drop_one({ep}, {DROP_START}); return 0; }}
+    u32 d = t->depth;{unwind}
+    if (d < {MAX_DEPTH}) {{
+        u32 at = d & {MAX_DEPTH - 1};
+        t->s[at].ts = bpf_ktime_get_ns();
+        t->s[at].sp = sp;
+        t->s[at].pass = pass;
+        t->s[at].k = k;
+    }} else {{
+        agg_drop_one({ep}, {DROP_START});
+    }}
+    t->depth = d + 1;
 """
-        out.append(group_c(entry, plan, fields, prefix="le", tail=push, pass_flag=True))
+        out.append(group_c(entry, plan, fields, prefix="le", tail=push, pass_flag=True,
+                           uses_id=True))
         out.append(self._exit_c(exit_, plan))
         return "\n\n".join(out) + "\n"
 
     def _exit_c(self, g: Group, plan: AggPlan) -> str:
-        epoch = ""
         if self.intervals:
             epoch = ("    u32 ez = 0;\n    u32 *epp = agg_epoch.lookup(&ez);\n"
                      "    u32 epoch = epp ? *epp : 0;\n")
         else:
             epoch = "    u32 epoch = 0;\n"
-        record = ("        if (s->pass) { struct agg_key k = s->k;"
+        record = ("if (s->pass) { struct agg_key k = s->k;"
                   + (" k.epoch = epoch;" if plan.has_head else "")
-                  + " lat_record(&k, now - s->ts); }\n")
+                  + " lat_record(&k, now - s->ts); }")
         if self.by_stack:
             # The returning frame's entry had sp == this sp - 8 (its return
-            # address is popped now). Entries below it (lower sp) were left
+            # address is popped now). Slots below it (lower sp) were left
             # without returning; one above it is an outer frame: this exit's
             # own entry was never seen.
             pair = f"""    u64 want = ctx->sp - 8;
-    int done = 0;
+    u32 gone = 0;
+    int found = 0;
 #pragma unroll
     for (int i = 0; i < {UNWIND}; i++) {{
-        if (d == 0 || done) break;
-        struct lat_slot up = {{ tid, d - 1 }};
-        struct lat_start *s = lat_starts.lookup(&up);
-        if (!s) {{ d--; done = 1; break; }}   /* its start was not stored (counted) */
-        if (s->sp == want) {{
-{record}            lat_starts.delete(&up);
-            d--;
-            done = 1;
-        }} else if (s->sp < want) {{
-            lat_starts.delete(&up);
-            agg_drop_one(epoch, {DROP_ABANDONED});
-            d--;
-        }} else {{
-            break;
-        }}
+        if (d == 0) break;
+        if (d > {MAX_DEPTH}) {{ found = 2; break; }}   /* not stored (counted) */
+        u64 at = t->s[(d - 1) & {MAX_DEPTH - 1}].sp;
+        if (at == want) {{ found = 1; break; }}
+        if (at > want) break;       /* an outer frame: this exit's entry is not here */
+        gone++;                     /* a frame left without returning */
+        d--;
     }}
-    if (!done) agg_drop_one(epoch, {DROP_UNMATCHED});"""
+    if (gone) agg_drop_n(epoch, {DROP_ABANDONED}, gone);
+    if (found == 1) {{
+        struct lat_slot *s = &t->s[(d - 1) & {MAX_DEPTH - 1}];
+        {record}
+    }}
+    if (found) d--;
+    else agg_drop_one(epoch, {DROP_UNMATCHED});"""
         else:
-            pair = f"""    struct lat_slot up = {{ tid, d - 1 }};
-    struct lat_start *s = lat_starts.lookup(&up);
-    if (s) {{
-{record}        lat_starts.delete(&up);
+            pair = f"""    if (d <= {MAX_DEPTH}) {{
+        struct lat_slot *s = &t->s[(d - 1) & {MAX_DEPTH - 1}];
+        {record}
     }}
     d--;"""
         n = "lx1"
         body = f"""static __always_inline int {n}_body(struct pt_regs *ctx, u64 ck) {{
-{GATE}
+{gate_c(plan.gate)}
     u64 now = bpf_ktime_get_ns();
 {epoch}    u32 tid = (u32)id;
-    u32 *dp = lat_depth.lookup(&tid);
-    u32 d = dp ? *dp : 0;
-    if (d == 0) {{ agg_drop_one(epoch, {DROP_UNMATCHED}); return 0; }}
+    struct lat_thread *t = lat_threads.lookup(&tid);
+    u32 d = t ? t->depth : 0;
+    if (!t || d == 0) {{ agg_drop_one(epoch, {DROP_UNMATCHED}); return 0; }}
 {pair}
-    if (d == 0) lat_depth.delete(&tid);
-    else lat_depth.update(&tid, &d);
+    t->depth = d;
     return 0;
 }}"""
         entries = []
         if self.multi:
-            entries.append(f"int {n}_multi(struct pt_regs *ctx) {{"
-                           f" return {n}_body(ctx, bpf_get_attach_cookie(ctx)); }}")
-        for ck in plan.site_cookies.get(1, []):
-            entries.append(f"int {n}_c{ck:x}(struct pt_regs *ctx) {{"
-                           f" return {n}_body(ctx, {ck}ULL); }}")
+            ck = "0" if len(g.reader_plans) <= 1 else "bpf_get_attach_cookie(ctx)"
+            entries.append(f"int {n}_multi(struct pt_regs *ctx) {{ return {n}_body(ctx, {ck}); }}")
+        for c in plan.site_cookies.get(1, []):
+            entries.append(f"int {n}_c{c:x}(struct pt_regs *ctx) {{"
+                           f" return {n}_body(ctx, {c}ULL); }}")
         return body + "\n\n" + "\n".join(entries)
 
     def _after_attach(self) -> None:
@@ -345,7 +355,12 @@ class Latency(KernelFamily):
         now = time.monotonic()
         secs = now - (self._last_read or now)
         self._last_read = now
-        in_flight = sum(1 for _ in self._map("lat_starts").keys())
+        threads = self._map("lat_threads")
+        in_flight = 0
+        for tkey in list(threads.keys()):
+            raw = threads.lookup(tkey)
+            if raw is not None:
+                in_flight += _U32.unpack_from(raw)[0]
         stringy = any(f.kind in ("comm", "str", "bytes") for f in plan.fields)
         return LatencyResult(
             self.by, tuple(rows.values()), self.entry.text, self.exit.text,

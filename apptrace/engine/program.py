@@ -67,11 +67,14 @@ def ring_pages(rings: int, ringbuf_kb: Optional[int] = None) -> int:
     return 1 << (pages - 1).bit_length()
 
 
+SPARE_MIN_PAGES = 16  # 64 KiB: a hot probe's spare budget fills it only after ~0.4 s
+
+
 def spare_pages(pages: int, event_bytes: int) -> int:
-    """A fair group's spare ring: a quarter of its main ring, and room for a
-    few events (a power of two pages, like every ring)."""
+    """A fair group's spare ring: a quarter of its main ring, at least 64 KiB,
+    and room for a few events (a power of two pages, like every ring)."""
     need = -(-event_bytes * MIN_EVENTS_PER_RING // 4096)
-    n = max(pages // 4, need, 1)
+    n = max(pages // 4, need, SPARE_MIN_PAGES)
     return 1 << (n - 1).bit_length()
 
 

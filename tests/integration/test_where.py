@@ -88,7 +88,7 @@ def test_cli_where(fixtures_dir: Path) -> None:
 def _hot_and_rare(loop: Path, n: int) -> tuple[dict[str, int], dict[str, int], int]:
     """Trace agg_loop's hot and rare probes (one glob, one small ring) while a
     reader drains as usual: (events per probe, lost per probe, rare fired)."""
-    with Session(path=str(loop), ringbuf_kb=64) as s:
+    with Session(path=str(loop), ringbuf_kb=256) as s:
         s.add(f"usdt:{loop}:apptrace_fx:*")
         s.start()
         proc = subprocess.Popen([str(loop), str(n)], stdout=subprocess.PIPE, text=True)
