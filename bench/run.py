@@ -28,7 +28,8 @@ from typing import Any, Optional
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-EXPECTED = ("bench_engine", "bench_usdt_list", "bench_symbolize", "bench_gc", "bench_ssl")
+EXPECTED = ("bench_engine", "bench_usdt_list", "bench_symbolize", "bench_gc", "bench_ssl",
+            "bench_agg")
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
