@@ -379,8 +379,11 @@ class Session:
                 events = self._tracker().symbolize(events, anchors)
             out: dict[str, int] = {}
             for ev, (count, sid) in zip(events, counts):
-                names = [(f.symbol or f"{f.addr:#x}").replace(";", ":")
-                         for f in reversed(ev.stack or ())]
+                if ev.stack is not None:
+                    names = [(f.symbol or f"{f.addr:#x}").replace(";", ":")
+                             for f in reversed(ev.stack)]
+                else:  # not symbolized: the addresses, outermost first
+                    names = [f"{a:#x}" for a in reversed(ev.raw_stack or ())]
                 if sid < 0:
                     names = [f"[stack lost: {os.strerror(-sid)}]"]
                 line = ";".join([ev.comm] + names)

@@ -14,7 +14,8 @@ class PrepareCommand(Command):
     A trace's program depends only on the shape of each probe string
     (argument and string counts, stacks), not on the probes themselves: the
     common shapes compiled here serve any probe string later, loaded from
-    the compile cache in milliseconds. `make setup` runs it; running it
+    the compile cache in milliseconds. TLS capture's and JVM GC tracing's
+    default programs are compiled too. `make setup` runs it; running it
     again compiles nothing.
 
     Examples:
@@ -37,7 +38,10 @@ class PrepareCommand(Command):
                 print(f"\rapptrace: program {i}/{n} {what}   ", end="", file=sys.stderr,
                       flush=True)
 
-        compiled, cached = prepare(progress)
+        from apptrace.jvm.bpfgen import default_programs as jvm_programs
+        from apptrace.ssl._kernel import default_programs as ssl_programs
+
+        compiled, cached = prepare(jvm_programs() + ssl_programs(), progress)
         if not args.quiet and not args.json and sys.stderr.isatty():
             print(file=sys.stderr)
         if args.json:

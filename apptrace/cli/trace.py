@@ -87,9 +87,6 @@ class TraceCommand(Command):
             return run_trace_aggregation(args, command)
         if args.folded and not args.stack:
             args.stack = True
-        if args.no_symbolize and args.folded:
-            raise CommandError("trace: --folded needs symbols; for raw addresses use"
-                               " --stack --no-symbolize")
         if args.no_symbolize and not args.stack:
             raise CommandError("trace: --no-symbolize goes with --stack")
         check_options(args)

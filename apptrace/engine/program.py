@@ -14,7 +14,7 @@ A probe family with its own C uses :class:`apptrace.bpf.Program` directly
 from __future__ import annotations
 
 import struct
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from apptrace.bpf import Program
 from apptrace.codegen import (
@@ -97,13 +97,15 @@ def generic_shapes(*, str_size: int = 64, stack_depth: int = 32) -> list[str]:
     return texts
 
 
-def prepare(progress: Optional[Callable[[int, int, bool], None]] = None) -> tuple[int, int]:
-    """Compile the common generic programs into the compile cache, so that
-    later traces (any probe strings of those shapes) never wait for clang.
-    Returns (compiled now, already cached); ``progress(i, n, compiled)``."""
+def prepare(extra: Sequence[str] = (),
+            progress: Optional[Callable[[int, int, bool], None]] = None) -> tuple[int, int]:
+    """Compile the common generic programs (and ``extra`` C texts, such as the
+    probe families' defaults) into the compile cache, so that later traces
+    never wait for clang. Returns (compiled now, already cached);
+    ``progress(i, n, compiled)`` after each."""
     from apptrace.bpf import ensure_compiled
 
-    texts = generic_shapes()
+    texts = generic_shapes() + list(extra)
     done = 0
     for i, text in enumerate(texts):
         compiled = ensure_compiled(text)

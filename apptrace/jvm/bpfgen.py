@@ -650,3 +650,10 @@ def render(sites: dict[tuple[str, str], tuple[Site, ...]], *, aggregate: bool,
     for k, v in consts.items():
         text = text.replace(k, v)
     return text
+
+
+def default_programs() -> list[str]:
+    """The C a default ``apptrace jvm gc`` compiles (both modes, the default
+    ring, uprobe_multi): for ``apptrace prepare``. It does not depend on the JDK."""
+    pages = 1024 * 1024 // 4096  # GcTracer's default ring_kb
+    return [render({}, aggregate=a, ring_pages=pages) for a in (False, True)]

@@ -693,3 +693,8 @@ def render(ring_pages: int) -> str:
                        ("@PLACEHOLDER@", f"{LOOP_PLACEHOLDER:#x}")):
         text = text.replace(key, value)
     return text
+
+
+def default_programs() -> list[str]:
+    """The C a default capture compiles (32 MiB ring): for ``apptrace prepare``."""
+    return [render(32 * 1024 * 1024 // 4096)]

@@ -130,7 +130,7 @@ def inspect_file(open_path: str, shown: Optional[str] = None) -> list[TlsLibrary
         if not kinds:
             return []
         funcs = img.functions()
-        static = img.elf.header["e_type"] == "ET_EXEC" or img.section(".interp") is not None
+        static = img.executable or img.section(".interp") is not None
         fid = _file_id(open_path)
         out = []
         for kind in kinds:
