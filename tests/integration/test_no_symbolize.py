@@ -88,10 +88,24 @@ def test_text_frames(fixtures_dir: Path, spawn: Any) -> None:
 
 @pytest.mark.parametrize("argv, message", [
     (["trace", "--no-symbolize", "usdt:x:y", "-p", "1"], "--no-symbolize goes with --stack"),
-    (["trace", "--folded", "--no-symbolize", "usdt:x:y", "-p", "1"], "--folded needs symbols"),
 ])
 def test_bad_combinations(argv: list[str], message: str,
                           capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.bpf
+def test_folded_without_symbols_counts_addresses(fixtures_dir: Path) -> None:
+    """Folded stacks of raw addresses: every hit counted, outermost frame first."""
+    r = subprocess.run([APPTRACE, "trace", "--folded", "--no-symbolize",
+                        "usdt:apptrace_fx:tick", "--", str(fixtures_dir / "usdt_early_pie"),
+                        "50"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert sum(int(ln.rsplit(" ", 1)[1]) for ln in lines) == 50
+    for ln in lines:
+        comm, *frames = ln.rsplit(" ", 1)[0].split(";")
+        assert comm == "usdt_early_pie" and frames
+        assert all(re.fullmatch(r"0x[0-9a-f]+", f) for f in frames), ln
