@@ -29,6 +29,7 @@ _WHERE = {
     "apptrace.events": ["Event", "ProbeInfo", "Stats", "Unavailable"],
     "apptrace.probes": ["ProbeSpec", "parse_probe"],
     "apptrace.session": ["ProbeHandle", "Session"],
+    "apptrace.agg": ["Aggregator", "Latency", "AggregateResult", "LatencyResult"],
     "apptrace.usdt": ["Argument", "Probe", "Site", "list_probes", "read_probes"],
     "apptrace.symbolize": ["StackFrame", "Symbolizer"],
 }
@@ -95,6 +96,10 @@ if TYPE_CHECKING:
     from apptrace.events import Unavailable as Unavailable
     from apptrace.probes import ProbeSpec as ProbeSpec
     from apptrace.probes import parse_probe as parse_probe
+    from apptrace.agg import AggregateResult as AggregateResult
+    from apptrace.agg import Aggregator as Aggregator
+    from apptrace.agg import Latency as Latency
+    from apptrace.agg import LatencyResult as LatencyResult
     from apptrace.session import ProbeHandle as ProbeHandle
     from apptrace.session import Session as Session
     from apptrace.symbolize import StackFrame as StackFrame

@@ -22,5 +22,5 @@ from apptrace.agg.results import (
 )
 from apptrace.agg.spec import HistSpec, parse_hist, parse_keys
 
-__all__ = ["Aggregator", "AggregateHandle", "Latency", "AggregateResult", "Row", "Histogram", "Bucket",
-           "HistSpec", "parse_hist", "parse_keys", "LatencyResult", "LatencyRow"]
+__all__ = ["Aggregator", "AggregateHandle", "Latency", "AggregateResult", "Row", "Histogram",
+           "Bucket", "HistSpec", "parse_hist", "parse_keys", "LatencyResult", "LatencyRow"]

@@ -298,8 +298,7 @@ class Aggregator(KernelFamily):
 
 
 def _stringy(key: str, groups: Sequence[Group]) -> bool:
-    if key == "comm":
-        return True
+    """A key whose strings the bound cuts (comm is the kernel's 16 bytes, whole)."""
     if not key.startswith("arg"):
         return False
     i = int(key[3:])

@@ -356,9 +356,9 @@ def group_c(g: Group, plan: AggPlan, fields: list[KeyField], *, prefix: str = "a
         r.uses_comm for v in vals for r in v)
     # bpf_get_current_pid_tgid() only when something reads it (each helper
     # call is a few percent of a hit).
-    names = set().union(*(names_used(parse(t)) for t in wheres + value_texts))
+    read: set[str] = set().union(*(names_used(parse(t)) for t in wheres + value_texts))
     uses_id = bool(uses_id or plan.gate or "ustack" in plan.keys
-                   or {"pid", "tid"} & (names | set(plan.keys) | set(plan.hidden)))
+                   or {"pid", "tid"} & (read | set(plan.keys) | set(plan.hidden)))
     out = []
     on_stack = need_args and (nstr == 0 or 8 + 8 * nargs + nstr * str_size <= STACK_ARGS_BYTES)
     if need_args:

@@ -361,7 +361,7 @@ static __always_inline struct lat_thread *lat_thread_of(u32 tid) {{
             raw = threads.lookup(tkey)
             if raw is not None:
                 in_flight += _U32.unpack_from(raw)[0]
-        stringy = any(f.kind in ("comm", "str", "bytes") for f in plan.fields)
+        stringy = any(f.kind in ("str", "bytes") for f in plan.fields)
         return LatencyResult(
             self.by, tuple(rows.values()), self.entry.text, self.exit.text,
             self._interval if epoch is not None else 0, secs,

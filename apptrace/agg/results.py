@@ -232,7 +232,7 @@ class AggregateResult:
         head = f"{self.count} hits" + (f" in {self.seconds:.2f}s" if self.seconds else "")
         if self.interval:
             head = f"interval {self.interval}: " + head
-        if any(n in ("comm",) or n.startswith("arg") for n in self.keys) and self.key_str_max:
+        if self.key_str_max:
             head += f" (strings in keys cut at {self.key_str_max} bytes, '...' marks a cut one)"
         out.append(head)
         hist = next((e for s, e in self.stats if s == "hist"), None)

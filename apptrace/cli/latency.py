@@ -21,7 +21,7 @@ class LatencyCommand(Command):
 
     Examples:
       apptrace latency -d 1 -p PID uprobe:libc:malloc
-      apptrace latency -p PID uprobe:libc:malloc --by comm --where 'arg0 >= 4096'
+      apptrace latency -d 1 -p PID 'uprobe:libc:malloc(long)' --by comm --where '4096 <= arg0'
     """
 
     name = "latency"

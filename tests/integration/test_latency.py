@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from helpers import missing
 
 from apptrace.agg import Latency
 from apptrace.errors import OptionError, ProbeNotFoundError
-
-from helpers import missing
 
 pytestmark = pytest.mark.bpf
 
