@@ -1,9 +1,13 @@
 """Every example in the help texts, the README and docs/ runs, for real.
 
 An example is a line starting with ``apptrace `` in an ``Examples:`` block of
-a command's help, or in a ``sh`` code block of README.md or docs/*.md.
-``PID`` is replaced by a running python3.11 process (which maps libssl) and
-``JAVA_PID`` by a running JVM. Each must exit 0 without a traceback.
+a command's help, or in a ``sh`` code block of README.md or docs/*.md; and
+every ``python`` code block of README.md and docs/*.md. ``PID`` is replaced
+by a running python3.11 process (which maps libssl) and ``JAVA_PID`` by a
+running JVM. Each must exit 0 without a traceback. Shell examples run in an
+empty directory where ``fixtures/`` is the repository's; Python blocks run
+from the repository root, as a script, or under pytest when they define
+``test_`` functions (every test must pass).
 """
 
 from __future__ import annotations
@@ -55,9 +59,31 @@ def doc_examples() -> list[tuple[str, str]]:
 EXAMPLES = [("help", e) for e in help_examples()] + doc_examples()
 
 
+def python_blocks() -> list[tuple[str, str]]:
+    out = []
+    for md in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for block in re.findall(r"```python\n(.*?)```", md.read_text(), re.S):
+            out.append((md.name, block))
+    return out
+
+
+PYTHON = python_blocks()
+
+
 def test_there_are_examples() -> None:
     assert len([e for e in EXAMPLES if e[0] == "help"]) >= 3
     assert len([e for e in EXAMPLES if e[0] == "README.md"]) >= 8
+    assert len([b for b in PYTHON if b[0] == "README.md"]) >= 2
+    assert len([b for b in PYTHON if b[0] == "testing.md"]) >= 6
+
+
+def with_pids(text: str, pids: dict[str, str]) -> str:
+    for name in ("JAVA_PID", "PID"):
+        if re.search(rf"\b{name}\b", text):
+            if name not in pids:
+                pytest.fail(f"{name} needed by {text!r} but not available")
+            text = re.sub(rf"\b{name}\b", pids[name], text)
+    return text
 
 
 @pytest.fixture(scope="module")
@@ -106,10 +132,33 @@ def test_example_runs(where: str, line: str, pids: dict[str, str], tmp_path: Pat
     # `python3.11` the venv's interpreter rather than the system's.
     cmd = str(VENV_BIN / "apptrace") + cmd[len("apptrace"):]
     t0 = time.monotonic()
+    (tmp_path / "fixtures").symlink_to(ROOT / "fixtures")  # examples name fixtures/c/out/...
     r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120,
                        cwd=tmp_path)
     assert "Traceback" not in r.stderr, r.stderr
     assert r.returncode == 0, f"{where}: {cmd}\n{r.stderr}\n({time.monotonic() - t0:.1f}s)"
+
+
+@pytest.mark.parametrize("where,block", PYTHON, ids=[f"{w}:py{i}" for i, (w, _) in
+                                                    enumerate(PYTHON)])
+def test_python_block_runs(where: str, block: str, pids: dict[str, str],
+                           fixtures_dir: Path, tmp_path: Path) -> None:
+    code = with_pids(block, pids)
+    if re.search(r"^\s*def test_", code, re.M):
+        path = tmp_path / "test_doc_block.py"
+        path.write_text(code)
+        argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                f"--rootdir={tmp_path}", str(path)]
+    else:
+        path = tmp_path / "doc_block.py"
+        path.write_text(code)
+        argv = [sys.executable, str(path)]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, f"{where}:\n{code}\n--- output:\n{out}"
+    assert "Traceback" not in r.stderr, out
+    if argv[1] == "-m":
+        assert re.search(r"\d+ passed", r.stdout) and "skipped" not in r.stdout, out
 
 
 if __name__ == "__main__":
