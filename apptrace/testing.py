@@ -1083,6 +1083,8 @@ class Recorder:
                 fam.start()
         except BaseException:
             self._close_all()
+            if self._out is not None:
+                self._out.close()
             raise
         self._t0 = time.monotonic()
         for fam in self._families:
@@ -1191,11 +1193,13 @@ class Recorder:
                 fam.thread.join(30)
         self._t_end = time.monotonic()
         self._close_all()
-        self._raise_errors()
-        self._run = self._build(finished=True)
-        if self._out is not None:
-            self._out.close()
-            self._out = None
+        try:
+            self._raise_errors()
+            self._run = self._build(finished=True)
+        finally:
+            if self._out is not None:
+                self._out.close()
+                self._out = None
         return self._run
 
     def __enter__(self) -> Recorder:

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-
 from helpers import missing
 
 pytestmark = pytest.mark.bpf
