@@ -79,9 +79,10 @@ class RingReader:
         size = self.record.size
         while cons < prod and len(out) < max_records:
             off = base + (cons & self.mask)
-            # Decode a contiguous run of full-stride records in one call.
-            n = min((prod - cons) // stride, max_records - len(out),
-                    (self.size - (cons & self.mask) + self.size) // stride)
+            # Decode a contiguous run of full-stride records in one call. The
+            # ring never holds more than `size` bytes and its data is mapped
+            # twice, so a run from any offset stays inside the mapping.
+            n = min((prod - cons) // stride, max_records - len(out))
             if n > 0:
                 chunk = view[off:off + n * stride]
                 # The first u32 of every record is its length word; a run is
