@@ -21,6 +21,7 @@ flight, then reads and deletes the other half.
 
 from __future__ import annotations
 
+import os
 import struct
 import time
 from dataclasses import dataclass, field
@@ -50,7 +51,7 @@ from apptrace.agg.spec import (
 )
 from apptrace.engine.plan import Group
 from apptrace.engine.target import Stdout
-from apptrace.errors import OptionError, SessionStateError
+from apptrace.errors import SessionStateError
 from apptrace.events import Event, ProbeInfo
 from apptrace.options import check_int
 from apptrace.probes import ProbeSpec, parse_probe
@@ -280,8 +281,6 @@ class Aggregator(KernelFamily):
             kv = key[1:]
             sid = _signed(kv[idx["ustack"]])
             if sid < 0:
-                import os
-
                 out[(int(kv[idx["pid"]]), sid, int(kv[idx["probe"]]))] = (
                     f"[stack lost: {os.strerror(-sid)}]",)
         return out
@@ -394,12 +393,3 @@ def _add_rows(a: Row, b: Row) -> Row:
     return Row(a.key, count, total, pick(a.min, b.min, min), pick(a.max, b.max, max), avg,
                hist, tuple(sorted(set(a.truncated) | set(b.truncated))),
                tuple(sorted(set(a.faulted) | set(b.faulted))))
-
-
-def check_aggregate_options(keys: Any, hist: Any) -> None:
-    """Raise :class:`OptionError` for keys or a histogram spec that cannot work."""
-    parse_keys(keys)
-    if isinstance(hist, str):
-        parse_hist(hist)
-    elif hist is not None and not isinstance(hist, HistSpec):
-        raise OptionError("hist", hist, "EXPR or EXPR:MIN:MAX:STEP")

@@ -362,6 +362,8 @@ class LatencyResult:
     another way (longjmp, an exception), found when an outer frame returned.
     ``in_flight``: entries still waiting for their exit when this was read.
     ``not_counted``: paired calls the result map had no room for.
+    ``start_dropped``: calls not timed, nested deeper than the slots a thread
+    keeps (their pairing stays right: the depth still counts them).
     """
 
     by: tuple[str, ...]
@@ -446,8 +448,8 @@ class LatencyResult:
             problems.append(f"{self.not_counted} calls not counted: the map holds at most"
                             f" {self.max_keys} keys (raise --max-keys)")
         if self.start_dropped:
-            problems.append(f"{self.start_dropped} entries not recorded: too many calls in"
-                            " flight (raise --max-keys)")
+            problems.append(f"{self.start_dropped} calls not timed: deeper than the calls in"
+                            " flight kept per thread")
         if problems:
             out.append("")
             out.append("not paired: " + "; ".join(problems))
