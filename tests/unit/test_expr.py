@@ -76,7 +76,7 @@ CASES = [
 def test_c_means_what_the_text_says(tmp_path: Path) -> None:
     """Each case compiled as C with gcc (u64/s64 as in BPF) and run."""
     body = []
-    for i, (text, (a0, a2, pid, comm, s1), want) in enumerate(CASES):
+    for i, (text, (a0, a2, pid, comm, s1), _want) in enumerate(CASES):
         c = compile_c(text, ENV)
         body.append(f"{{ s64 a0 = {a0}LL; u64 a2 = {a2}ULL; u64 pid = {pid};"
                     f" char comm[16] = \"{comm}\"; char s1[64] = \"{s1}\";"
