@@ -59,6 +59,10 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     # "from M import X as X" marks a re-export for type checkers (mypy --strict).
+    from apptrace.agg import AggregateResult as AggregateResult
+    from apptrace.agg import Aggregator as Aggregator
+    from apptrace.agg import Latency as Latency
+    from apptrace.agg import LatencyResult as LatencyResult
     from apptrace.errors import ApptraceError as ApptraceError
     from apptrace.errors import AttachError as AttachError
     from apptrace.errors import BccUnavailableError as BccUnavailableError
@@ -96,10 +100,6 @@ if TYPE_CHECKING:
     from apptrace.events import Unavailable as Unavailable
     from apptrace.probes import ProbeSpec as ProbeSpec
     from apptrace.probes import parse_probe as parse_probe
-    from apptrace.agg import AggregateResult as AggregateResult
-    from apptrace.agg import Aggregator as Aggregator
-    from apptrace.agg import Latency as Latency
-    from apptrace.agg import LatencyResult as LatencyResult
     from apptrace.session import ProbeHandle as ProbeHandle
     from apptrace.session import Session as Session
     from apptrace.symbolize import StackFrame as StackFrame
