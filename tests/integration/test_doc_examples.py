@@ -123,7 +123,9 @@ def test_example_runs(where: str, line: str, pids: dict[str, str], tmp_path: Pat
             if name not in pids:
                 pytest.fail(f"{name} needed by {cmd!r} but not available")
             cmd = re.sub(rf"\b{name}\b", pids[name], cmd)
-    words = shlex.split(cmd.split(">", 1)[0])
+    words = shlex.split(cmd)
+    if ">" in words:  # a redirection; a quoted '>=' inside an expression is one word
+        words = words[:words.index(">")]
     # A trace with neither a duration nor a command would run until Ctrl-C.
     if words[1] == "trace" and "-d" not in words and "--" not in words:
         cmd = cmd.replace("apptrace trace", "apptrace trace -d 1", 1)
