@@ -13,7 +13,7 @@ import collections
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time
 if TYPE_CHECKING:
-    from typing import Any, TypeVar
+    from typing import TypeVar
 
     from typing_extensions import dataclass_transform
 

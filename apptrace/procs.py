@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 import signal
-from apptrace._records import record
 
+from apptrace._records import record
 from apptrace.errors import (
     BinaryNotFoundError,
     CommandNotFoundError,

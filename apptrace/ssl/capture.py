@@ -22,6 +22,7 @@ from dataclasses import replace
 from typing import Any, Iterator, Optional, Sequence
 
 from apptrace import capabilities
+from apptrace.engine.target import Target
 from apptrace.errors import (
     ApptraceError,
     NoTlsLibraryError,
@@ -44,7 +45,6 @@ from apptrace.ssl._kernel import (
     STAT_NAMES,
     render,
 )
-from apptrace.engine.target import Target
 from apptrace.ssl.libraries import TlsLibrary
 from apptrace.ssl.model import CaptureStats, Chunk, Connection, Gap, Item, Stream, reassemble
 from apptrace.ssl.net import kernel_addr, tcp_addresses

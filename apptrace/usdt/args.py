@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import re
+
 from apptrace._records import record
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time

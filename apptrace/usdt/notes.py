@@ -19,8 +19,8 @@ import mmap
 import os
 import stat
 import struct
-from apptrace._records import record
 
+from apptrace._records import record
 from apptrace.errors import ElfError, ElfNotFoundError, NoProbesError
 from apptrace.usdt.args import Argument, parse_arguments
 
