@@ -32,7 +32,7 @@ def add_trace_options(parser: argparse.ArgumentParser) -> None:
         " instead of one line per event)")
     g.add_argument("--where", metavar="EXPR",
                    help="only hits where EXPR is true, decided in the kernel: arg0..arg11, pid,"
-                        " tid, comm, cpu; == != < <= > >= && || ! + - * / % & | ^ << >>;"
+                        " tid, comm, cpu; == != < <= > >= && || ! + - * / %% & | ^ << >>;"
                         ' prefix(arg1, "text"). Example: --where \'arg0 >= 4096 && comm =='
                         ' "java"\'')
     g.add_argument("--count", dest="count_keys", nargs="?", const="", metavar="KEYS",

@@ -132,7 +132,8 @@ class SslCommand(Command):
 
 def _summary(cap: Any, st: Any, interrupted: bool) -> None:
     why = cap.ended or ("interrupted" if interrupted else "stopped")
-    parts = [f"{st.calls} TLS calls", f"{st.bytes} bytes", f"{st.connections} connections"]
+    parts = [f"{st.calls} TLS call{_s(st.calls)}", f"{st.bytes} bytes",
+             f"{st.connections} connection{_s(st.connections)}"]
     lost = []
     if st.lost_records:
         lost.append(f"{st.lost_bytes} bytes in {st.lost_records} records lost (ring buffer"
@@ -154,3 +155,7 @@ def _summary(cap: Any, st: Any, interrupted: bool) -> None:
         say(f"apptrace: command ended by {signal.Signals(-status).name}")
     elif status is not None:
         say(f"apptrace: command exited with status {status}")
+
+
+def _s(n: int) -> str:
+    return "" if n == 1 else "s"
