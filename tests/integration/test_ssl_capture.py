@@ -443,7 +443,7 @@ def test_target_exits_mid_capture(fixtures_dir: Path, servers: Any) -> None:
     assert "capturing TLS of process" in r.stderr
     line = [x for x in r.stderr.splitlines() if x.startswith("apptrace: target exited:")]
     assert line, r.stderr
-    calls = int(line[0].split("target exited: ")[1].split(" TLS calls")[0])
+    calls = int(line[0].split("target exited: ")[1].split(" TLS call")[0])
     assert calls > 0
 
 
