@@ -53,7 +53,7 @@ from apptrace.syscall import (
     has_trace_privileges,
 )
 
-__all__ = ["import_bcc", "Program", "compile_c", "ensure_compiled", "self_test",
+__all__ = ["import_bcc", "Program", "compile_c", "ensure_compiled", "close_links", "self_test",
            "attach_uprobe_perf",
            "attach_uprobe_multi"]
 
@@ -250,6 +250,27 @@ def ensure_compiled(text: str) -> bool:
     return True
 
 
+def close_links(fds: Sequence[int]) -> None:
+    """Close link and perf-event fds together: each detach waits for an RCU
+    grace period, and closing them from several threads lets the kernel
+    batch those waits (os.close releases the GIL)."""
+    if len(fds) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(16, len(fds))) as pool:
+            list(pool.map(_close_quietly, fds))
+    else:
+        for fd in fds:
+            _close_quietly(fd)
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
 class Program:
     """Our generated C as loaded programs and maps, plus everything attached to them.
 
@@ -309,12 +330,8 @@ class Program:
 
     def detach(self) -> None:
         """Detach every probe but keep the maps: counts read after this are final."""
-        for fd in self._fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._fds.clear()
+        fds, self._fds = self._fds, []
+        close_links(fds)
         if self._evnames:
             lib = import_bcc().libbcc.lib
             with _captured_stderr():

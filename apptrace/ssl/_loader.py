@@ -24,7 +24,7 @@ import os
 import struct
 from typing import Optional
 
-from apptrace.bpf import Program
+from apptrace.bpf import Program, close_links
 from apptrace.capabilities import BPF_TRACE_UPROBE_MULTI, bpf, tracefs_path
 from apptrace.errors import ApptraceError, TracePermissionError
 
@@ -232,21 +232,5 @@ class Loader:
     def close(self) -> None:
         """Detach the tracepoints and drop the programs loaded here (before the
         engine's Program closes its maps)."""
-        # Each detach waits for an RCU grace period; closing them together lets
-        # the kernel batch those waits (os.close releases the GIL).
         fds, self._fds = self._fds, []
-        if len(fds) > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(max_workers=min(16, len(fds))) as pool:
-                list(pool.map(_close_quietly, fds))
-        else:
-            for fd in fds:
-                _close_quietly(fd)
-
-
-def _close_quietly(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
+        close_links(fds)
