@@ -96,13 +96,15 @@ class RingReader:
                     cons += good * stride
                 if good == n:
                     continue
+            # The run stopped at a record that was not a committed one of our
+            # size. Read its header again: it may have been committed since.
             hdr = _U32.unpack_from(view, base + (cons & self.mask))[0]
             if hdr & _BUSY:
-                break
+                break  # still being written: it and what follows wait
             length = hdr & ~(_BUSY | _DISCARD)
             if hdr & _DISCARD:
                 self.discarded += 1
-            elif length == size:
+            elif length == size:  # busy a moment ago, committed now
                 out.append(self.record.unpack_from(view, base + (cons & self.mask) + 8))
             else:
                 self._bad_size(base + (cons & self.mask) + 8, length)

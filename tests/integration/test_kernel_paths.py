@@ -332,3 +332,66 @@ def test_uprobe_arguments_through_the_table_reader(fixtures_dir: Path, spawn: An
     assert all(len(a) == 1 and isinstance(a[0], Unavailable) for a in halves)
     assert any(a[1] < 0 for a in adds) and any(a[3] < 0 for a in adds)
     assert stats.lost == 0 and stats.decode_errors == 0
+
+
+def test_ring_reader_waits_for_records_still_being_written(fixtures_dir: Path) -> None:
+    """A producer that holds its reservation for a while (a record marked busy)
+    while the reader drains as fast as it can: the reader stops at the busy
+    record and takes it once it is committed, even when that happens between
+    its scan and its second look. Nothing is lost, repeated or misread."""
+    import struct
+    import subprocess
+
+    from apptrace.bpf import Program
+    from apptrace.codegen import header_c
+    from apptrace.ringbuf import RingReader
+
+    binary = fixtures_dir / "usdt_kpaths_nopie"
+    site = next(s for p in read_probes(str(binary)) if p.name == "burst_a" for s in p.sites)
+    pages = 64
+    text = header_c() + f"""
+BPF_RINGBUF_OUTPUT(rb, {pages});
+BPF_ARRAY(hits, u64, 1);
+struct rec {{ u64 seq; }};
+int emit(struct pt_regs *ctx) {{
+    u32 zero = 0;
+    u64 *n = hits.lookup(&zero);
+    if (!n) return 0;
+    u64 i = __sync_fetch_and_add(n, 1);
+    struct rec *r = rb.ringbuf_reserve(sizeof(struct rec));
+    if (!r) return 0;
+    r->seq = i;
+    if (i % 8 == 5) {{  /* keep it reserved (busy) for up to a millisecond */
+        u64 t = bpf_ktime_get_ns();
+        for (int k = 0; k < 4000 && bpf_ktime_get_ns() - t < 1000000; k++)
+            ;
+    }}
+    rb.ringbuf_submit(r, 0);
+    return 0;
+}}
+"""
+    n = 400
+    prog = Program(text)
+    try:
+        fd = prog.load("emit")
+        prog.attach_perf(fd, str(binary), site.file_offset, -1, 0, False, "burst_a")
+        reader = RingReader(prog.map_fd("rb"), pages * 4096, struct.Struct("<Q"))
+        try:
+            proc = subprocess.Popen([str(binary), str(n), "-", "burst"],
+                                    stdout=subprocess.DEVNULL)
+            got: list[Any] = []
+            busy = 0
+            data = reader._view[4096:]  # the data area: a busy record's length has bit 31
+            while proc.poll() is None or reader.pending():
+                got += reader.drain()
+                if reader.pending() and data[(reader._cons_q[0] & reader.mask) + 3] & 0x80:
+                    busy += 1
+            data.release()
+            assert proc.wait() == 0
+            assert busy > 0, "the reader never met a busy record: the path was not driven"
+            assert [r[0] for r in got] == list(range(n))
+            assert reader.decode_errors == {} and reader.discarded == 0
+        finally:
+            reader.close()
+    finally:
+        prog.close()
