@@ -95,11 +95,14 @@ def test_constant_arguments_including_zero(fixtures_dir: Path, spawn: Any,
                                            tables: bool) -> None:
     binary = fixtures_dir / "usdt_kpaths_nopie"
     assert _specs(binary, "const0") == ["8@$0 -4@$0 -2@$1 1@$255"]
-    events, stats, printed = _trace(spawn, binary, [3, "wait"], ["usdt:apptrace_fx:const0"],
+    events, stats, printed = _trace(spawn, binary, [3, "wait"],
+                                    ["usdt:apptrace_fx:const0", "usdt:apptrace_fx:burst_a"],
                                     arg_tables=tables)
     want = [tuple(int(v) for v in row) for row in _rows(printed, "const0")]
     assert want == [(0, 0, 1, 255)] * 3
     assert [ev.args for ev in events] == want
+    # burst_a attached but never fired in this mode: shown as 0, not left out.
+    assert stats.per_probe == {"usdt:apptrace_fx:const0": 3, "usdt:apptrace_fx:burst_a": 0}
 
 
 # -- faulting reads ------------------------------------------------------------------------
@@ -227,6 +230,38 @@ def test_wrong_size_records_are_decode_errors_per_probe(fixtures_dir: Path, spaw
     assert stats.decode_errors == 3 * n
     js = stats.to_json()
     assert js["decode_errors"] == 3 * n and js["lost"] == 0
+
+
+def test_wrong_size_records_without_a_probe_index_count_for_the_probe_string(
+        fixtures_dir: Path, spawn: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record too short to hold its probe index is still counted, under the
+    probe string it came from."""
+    import struct
+
+    from apptrace.ringbuf import RingReader
+
+    real_init = RingReader.__init__
+
+    def blind(self: RingReader, fd: int, size: int, record: struct.Struct, **kw: Any) -> None:
+        kw["probe_offset"] = 1 << 20  # past the end of any record: no index to read
+        real_init(self, fd, size, struct.Struct(record.format + "Q"), **kw)
+
+    monkeypatch.setattr(RingReader, "__init__", blind)
+    n = 200
+    events, stats, _ = _trace(spawn, fixtures_dir / "usdt_kpaths_pie", [n, "wait", "burst"],
+                              ["usdt:apptrace_fx:burst_*"])
+    assert events == [] and stats.lost == 0
+    assert stats.decode_errors_per_probe == {"usdt:apptrace_fx:burst_*": 3 * n}
+    assert stats.decode_errors == 3 * n
+
+
+def test_stats_of_a_session_that_never_started() -> None:
+    with Session() as s:
+        st = s.stats()
+        assert (st.events, st.lost, st.truncated_strings, st.read_faults, st.decode_errors) == (
+            0, 0, 0, 0, 0)
+        assert st.per_probe == {} and st.lost_per_probe == {}
+        assert st.decode_errors_per_probe == {}
 
 
 def test_ring_reader_sorts_good_wrong_size_and_discarded_records(fixtures_dir: Path) -> None:
