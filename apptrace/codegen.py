@@ -118,6 +118,10 @@ PT_REGS_OFFSET = {name: 8 * i for i, name in enumerate(
     ("r15", "r14", "r13", "r12", "bp", "bx", "r11", "r10", "r9", "r8", "ax", "cx", "dx",
      "si", "di", "orig_ax", "ip", "cs", "flags", "sp", "ss"))}
 
+# apptrace_regs_load: every pt_regs field, in order (index = byte offset / 8).
+_NREGS = len(PT_REGS_OFFSET)
+_REG_LOADS = "\n".join(f"    r->r[{off // 8}] = ctx->{name};" for name, off in PT_REGS_OFFSET.items())
+
 # kinds in struct apptrace_arg
 ARG_NONE, ARG_CONST, ARG_REG, ARG_MEM, ARG_MEM_IP = 0, 1, 2, 3, 4
 
@@ -138,6 +142,12 @@ static __always_inline u64 apptrace_reg(struct pt_regs *ctx, u16 off) {{
     u64 v = 0;
     bpf_probe_read_kernel(&v, sizeof(v), (void *)ctx + (off & 0xff));
     return v;
+}}
+/* The table reader's registers: pt_regs copied once per hit with direct loads
+   (a context pointer cannot take a variable offset), then indexed. */
+struct apptrace_regs {{ u64 r[{_NREGS}]; }};
+static __always_inline void apptrace_regs_load(struct pt_regs *ctx, struct apptrace_regs *r) {{
+{_REG_LOADS}
 }}
 """
 
@@ -176,8 +186,12 @@ def _render_table_reader(g: GroupPlan) -> str:
     n = g.name
     nargs = min(max(g.nargs, 1), MAX_TABLE_ARGS)
     return f"""BPF_ARRAY({n}_specs, struct apptrace_spec, {max(len(g.readers), 1)});
-static __always_inline void {n}_arg(struct pt_regs *ctx, struct apptrace_arg *a, u32 i,
-                                   struct {n}_ev *e) {{
+static __always_inline u64 {n}_reg(struct apptrace_regs *r, u16 off) {{
+    u32 k = off >> 3;
+    return k < {_NREGS} ? r->r[k] : 0;
+}}
+static __always_inline void {n}_arg(struct pt_regs *ctx, struct apptrace_regs *r,
+                                   struct apptrace_arg *a, u32 i, struct {n}_ev *e) {{
     u64 v = 0;
     u32 size = a->size & 0xf;
     if (size > 8) size = 8;
@@ -185,12 +199,12 @@ static __always_inline void {n}_arg(struct pt_regs *ctx, struct apptrace_arg *a,
         e->a[i] = (u64)a->disp;
         return;
     }} else if (a->kind == {ARG_REG}) {{
-        v = apptrace_reg(ctx, a->base) >> (a->shift & 0x3f);
+        v = {n}_reg(r, a->base) >> (a->shift & 0x3f);
     }} else if (a->kind == {ARG_MEM} || a->kind == {ARG_MEM_IP}) {{
         u64 addr = (u64)a->disp;
         if (a->kind == {ARG_MEM_IP}) addr += ctx->ip;
-        if (a->base != {NO_REG}) addr += apptrace_reg(ctx, a->base);
-        if (a->index != {NO_REG}) addr += apptrace_reg(ctx, a->index) * a->scale;
+        if (a->base != {NO_REG}) addr += {n}_reg(r, a->base);
+        if (a->index != {NO_REG}) addr += {n}_reg(r, a->index) * a->scale;
         if (bpf_probe_read_user(&v, size, (void *)addr)) e->h.flags |= 1u << i;
     }} else {{
         e->a[i] = 0;
@@ -203,9 +217,11 @@ static __always_inline void {n}_arg(struct pt_regs *ctx, struct apptrace_arg *a,
 static __always_inline void {n}_table(struct pt_regs *ctx, u32 reader, struct {n}_ev *e) {{
     struct apptrace_spec *sp = {n}_specs.lookup(&reader);
     if (!sp) return;
+    struct apptrace_regs r;
+    apptrace_regs_load(ctx, &r);
 #pragma unroll
     for (u32 i = 0; i < {nargs}; i++)
-        {n}_arg(ctx, &sp->a[i], i, e);
+        {n}_arg(ctx, &r, &sp->a[i], i, e);
 }}""" + (_render_table_strings(g) if g.nstr else "")
 
 
