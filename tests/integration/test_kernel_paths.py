@@ -391,19 +391,22 @@ def test_ring_reader_waits_for_records_still_being_written(fixtures_dir: Path) -
     text = header_c() + f"""
 BPF_RINGBUF_OUTPUT(rb, {pages});
 BPF_ARRAY(hits, u64, 1);
+struct scratch {{ u64 ips[64]; }};
+BPF_PERCPU_ARRAY(scratch, struct scratch, 1);
 struct rec {{ u64 seq; }};
 int emit(struct pt_regs *ctx) {{
     u32 zero = 0;
     u64 *n = hits.lookup(&zero);
-    if (!n) return 0;
+    struct scratch *sc = scratch.lookup(&zero);
+    if (!n || !sc) return 0;
     u64 i = __sync_fetch_and_add(n, 1);
     struct rec *r = rb.ringbuf_reserve(sizeof(struct rec));
     if (!r) return 0;
     r->seq = i;
-    if (i % 8 == 5) {{  /* keep it reserved (busy) for up to a millisecond */
+    if (i % 16 == 5) {{  /* keep it reserved (busy) for a few milliseconds */
         u64 t = bpf_ktime_get_ns();
-        for (int k = 0; k < 4000 && bpf_ktime_get_ns() - t < 1000000; k++)
-            ;
+        for (int k = 0; k < 4000 && bpf_ktime_get_ns() - t < 4000000; k++)
+            bpf_get_stack(ctx, sc->ips, sizeof(sc->ips), BPF_F_USER_STACK);
     }}
     rb.ringbuf_submit(r, 0);
     return 0;
