@@ -132,6 +132,20 @@ def test_faulting_usdt_reads_are_unavailable_and_counted(fixtures_dir: Path, spa
     assert stats.lost == 0 and stats.decode_errors == 0
 
 
+def test_a_missing_argument_next_to_a_faulting_string(fixtures_dir: Path, spawn: Any) -> None:
+    """burst_a has one argument (i, from 0): read as a string it faults at i = 0
+    (NULL) and on; asking for a second one gives the reason, in the same event."""
+    binary = fixtures_dir / "usdt_kpaths_nopie"
+    events, stats, _ = _trace(spawn, binary, [5, "wait", "burst"],
+                              ["usdt:apptrace_fx:burst_a(str,int)"])
+    assert len(events) == 5
+    for ev in events:
+        first, second = ev.args
+        assert first == Unavailable(FAULT)
+        assert isinstance(second, Unavailable) and "argument" in second.reason, second
+    assert stats.read_faults == 5
+
+
 def test_faulting_reads_through_the_table_reader(fixtures_dir: Path, spawn: Any) -> None:
     binary = fixtures_dir / "usdt_kpaths_pie"
     events, stats, printed = _trace(spawn, binary, [COUNT, "wait"],
