@@ -23,6 +23,7 @@ _F32 = struct.Struct("<f")
 _F64 = struct.Struct("<d")
 _U64 = struct.Struct("<Q")
 _M64 = (1 << 64) - 1
+_tuple_new = tuple.__new__
 
 Symbolize = Callable[[list[Event], list[tuple[str, int]]], list[Event]]
 
@@ -128,6 +129,45 @@ class ArgDecoder:
         return out
 
     def _decode(self, records: list[tuple[Any, ...]]) -> list[Event]:
+        g = self.group
+        assert g.plan is not None
+        if self.signs is not None and not g.plan.nstr and not g.plan.stack_depth:
+            return self._decode_plain(records)
+        return self._decode_any(records)
+
+    def _decode_plain(self, records: list[tuple[Any, ...]]) -> list[Event]:
+        """The common case: integer arguments decoded by struct with their sign,
+        no strings, no stacks. A record that carries flags (a faulted read)
+        takes the general path."""
+        nh = HEADER_FIELDS
+        own = nh + self.group.nargs
+        infos = [p.info for p in self.group.probes]
+        comms = self.names.by_bytes
+        thread_names = self.names.by_tid
+        names_get = thread_names.get
+        comms_get = comms.get
+        new = _tuple_new
+        out: list[Event] = []
+        append = out.append
+        for rec in records:
+            flags = rec[5]
+            tid = rec[2]
+            if flags == FLAG_COMM_SAME:
+                name = names_get(tid) or self.names.lookup(rec[1], tid)
+            elif flags == 0:
+                comm = rec[7]
+                name = comms_get(comm)
+                if name is None:
+                    name = comms[comm] = comm.split(b"\0", 1)[0].decode("utf-8", "replace")
+                thread_names[tid] = name
+            else:
+                out.extend(self._decode_any([rec]))
+                continue
+            append(new(Event, (rec[0], rec[1], tid, name, infos[rec[3]], rec[nh:own], rec[4],
+                               None, None, ())))
+        return out
+
+    def _decode_any(self, records: list[tuple[Any, ...]]) -> list[Event]:
         g = self.group
         plan = g.plan
         assert plan is not None

@@ -284,3 +284,19 @@ def test_names_on_path_are_executables() -> None:
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_a_final_flush_drains_within_the_batch_interval(fixtures_dir: Path) -> None:
+    """A flush right after a drain still reads the rings: the last events of a
+    trace (`-d`, Ctrl-C, detach) were left unread when the previous drain was
+    less than a batch interval ago."""
+    exe = fixtures_dir / "usdt_shapes_pie"
+    with Session(path=str(exe), batch_ms=900) as s:
+        s.add("usdt:fx_shapes:one")
+        s.start()
+        assert s.poll(0) == []          # a drain: the interval starts now
+        subprocess.run([exe, "probes", "25"], check=True, capture_output=True)
+        s.detach()
+        got = [e.args[0] for e in s.poll(0, flush=True)]
+        st = s.stats()
+    assert got == list(range(25)) and st.events == 25 and st.lost == 0
