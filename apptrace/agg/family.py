@@ -24,7 +24,7 @@ from apptrace.bpf import Program
 from apptrace.bpfobj import BpfMap, possible_cpus
 from apptrace.engine.attach import Resolver, quiet_offset
 from apptrace.engine.plan import Group, cookie
-from apptrace.engine.program import TaskHooks
+from apptrace.engine.program import TaskHooks, attach_sites
 from apptrace.engine.target import HeldCommand, Stdout, Target
 from apptrace.errors import (
     ApptraceError,
@@ -173,24 +173,7 @@ class KernelFamily:
     def _attach_group(self, g: Group, pid: int, child: Optional[HeldCommand]) -> None:
         prog = self._prog
         assert prog is not None
-        name = self._entry(g)
-        if self.multi:
-            fd = prog.load(f"{name}_multi", multi=True)
-            by_binary: dict[str, list[tuple[int, int, int]]] = {}
-            for pi, p in enumerate(g.probes):
-                for si, s in enumerate(p.sites):
-                    by_binary.setdefault(s.binary, []).append(
-                        (s.file_offset, s.ref_ctr_offset, cookie(pi, si, s.reader)))
-            for binary, rows in by_binary.items():
-                prog.attach_multi(fd, binary, [r[0] for r in rows], [r[1] for r in rows],
-                                  [r[2] for r in rows], pid, g.retprobe, g.spec.text)
-        else:
-            for pi, p in enumerate(g.probes):
-                for si, s in enumerate(p.sites):
-                    ck = cookie(pi, si, s.reader)
-                    fd = prog.load(f"{name}_c{ck:x}")
-                    prog.attach_perf(fd, s.binary, s.file_offset, pid, s.ref_ctr_offset,
-                                     g.retprobe, p.info.label)
+        attach_sites(prog, g, self._entry(g), pid, multi=self.multi)
         if self._procmem is not None:
             for p in g.probes:
                 for s in p.sites:

@@ -156,10 +156,10 @@ class ArgDecoder:
                 name = names_get(tid) or self.names.lookup(rec[1], tid)
             elif flags == 0:
                 comm = rec[7]
-                name = comms_get(comm)
-                if name is None:
-                    name = comms[comm] = comm.split(b"\0", 1)[0].decode("utf-8", "replace")
-                thread_names[tid] = name
+                known = comms_get(comm)
+                if known is None:
+                    known = comms[comm] = comm.split(b"\0", 1)[0].decode("utf-8", "replace")
+                name = thread_names[tid] = known
             else:
                 out.extend(self._decode_any([rec]))
                 continue

@@ -38,7 +38,7 @@ from apptrace.options import MIN_EVENTS_PER_RING, check_event_fits
 from apptrace.ringbuf import RingReader
 from apptrace.semaphores import ProcMemSemaphores
 
-__all__ = ["TraceProgram", "TaskHooks", "ring_pages", "prepare", "generic_shapes",
+__all__ = ["TraceProgram", "TaskHooks", "attach_sites", "ring_pages", "prepare", "generic_shapes",
            "TABLE_THRESHOLD"]
 
 TABLE_THRESHOLD = 16  # argument layouts in one group before specs go in a map
@@ -113,6 +113,29 @@ def prepare(extra: Sequence[str] = (),
         if progress is not None:
             progress(i + 1, len(texts), compiled)
     return done, len(texts) - done
+
+
+def attach_sites(prog: Program, g: Group, entry: str, pid: int, *, multi: bool) -> None:
+    """Attach every site of a group to the program's entry functions: one
+    uprobe_multi link per binary for ``{entry}_multi`` (the cookie says which
+    probe, site and reader), or one perf event per site for ``{entry}_c<cookie>``."""
+    if multi:
+        fd = prog.load(f"{entry}_multi", multi=True)
+        by_binary: dict[str, list[tuple[int, int, int]]] = {}
+        for pi, p in enumerate(g.probes):
+            for si, s in enumerate(p.sites):
+                by_binary.setdefault(s.binary, []).append(
+                    (s.file_offset, s.ref_ctr_offset, cookie(pi, si, s.reader)))
+        for binary, rows in by_binary.items():
+            prog.attach_multi(fd, binary, [r[0] for r in rows], [r[1] for r in rows],
+                              [r[2] for r in rows], pid, g.retprobe, g.spec.text)
+        return
+    for pi, p in enumerate(g.probes):
+        for si, s in enumerate(p.sites):
+            ck = cookie(pi, si, s.reader)
+            fd = prog.load(f"{entry}_c{ck:x}")
+            prog.attach_perf(fd, s.binary, s.file_offset, pid, s.ref_ctr_offset,
+                             g.retprobe, p.info.label)
 
 
 class TaskHooks:
@@ -273,23 +296,7 @@ class TraceProgram:
     def _attach_group(self, g: Group, pid: int, child: Optional[HeldCommand]) -> None:
         assert g.plan is not None
         prog, name = self.program_of(g)
-        if self.multi:
-            fd = prog.load(f"{name}_multi", multi=True)
-            by_binary: dict[str, list[tuple[int, int, int]]] = {}
-            for pi, p in enumerate(g.probes):
-                for si, s in enumerate(p.sites):
-                    by_binary.setdefault(s.binary, []).append(
-                        (s.file_offset, s.ref_ctr_offset, cookie(pi, si, s.reader)))
-            for binary, rows in by_binary.items():
-                prog.attach_multi(fd, binary, [r[0] for r in rows], [r[1] for r in rows],
-                                  [r[2] for r in rows], pid, g.retprobe, g.spec.text)
-        else:
-            for pi, p in enumerate(g.probes):
-                for si, s in enumerate(p.sites):
-                    ck = cookie(pi, si, s.reader)
-                    fd = prog.load(f"{name}_c{ck:x}")
-                    prog.attach_perf(fd, s.binary, s.file_offset, pid, s.ref_ctr_offset,
-                                     g.retprobe, p.info.label)
+        attach_sites(prog, g, name, pid, multi=self.multi)
         if self.procmem is not None:
             for p in g.probes:
                 for s in p.sites:

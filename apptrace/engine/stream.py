@@ -97,7 +97,7 @@ class EventStream:
         # bpf_ktime_get_ns() is CLOCK_MONOTONIC: events stamped before this
         # instant were reserved before any ring below is read.
         self._drain_started_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        out = []
+        out: list[tuple[Source, list[tuple[Any, ...]]]] = []
         # Records are new tuples: with the cyclic collector running, a drain of
         # 100k of them triggers collections that walk every one (they hold no
         # cycles). Paused for the drain, as the decoders do.
