@@ -26,18 +26,19 @@ import mmap
 import struct
 from typing import Any, Optional
 
-__all__ = ["RingReader"]
+__all__ = ["RingMapping", "RingReader"]
 
 _BUSY = 1 << 31
 _DISCARD = 1 << 30
 _U32 = struct.Struct("<I")
 
 
-class RingReader:
-    """Consumer side of one ring buffer map whose records share one layout."""
+class RingMapping:
+    """A ring buffer map as its consumer sees it: the two positions and the
+    data area (mapped twice in a row, so a record that wraps is contiguous).
+    Readers of one record layout or of many build on it."""
 
-    def __init__(self, map_fd: int, size: int, record: struct.Struct, *,
-                 probe_offset: Optional[int] = None) -> None:
+    def __init__(self, map_fd: int, size: int) -> None:
         page = mmap.PAGESIZE
         self.fd = map_fd
         self.size = size
@@ -52,7 +53,34 @@ class RingReader:
         # position sees a full ring and drops events.
         self._cons_q = memoryview(self._cons).cast("Q")
         self._prod_q = self._view[:8].cast("Q")
-        self._data_off = page
+        self._data_off = page  # where the data area starts in the view
+
+    def pending(self) -> int:
+        """Bytes the producer committed (or reserved) that we have not read."""
+        return int(self._prod_q[0] - self._cons_q[0])
+
+    def close(self) -> None:
+        # A drain cut short by a signal (the CLI raises there to end) may still
+        # hold a slice of the ring in a frame its exception keeps alive while
+        # the session closes: the mapping then goes when that view does.
+        for v in (self._cons_q, self._prod_q, self._view):
+            try:
+                v.release()
+            except BufferError:
+                pass
+        for m in (self._prod, self._cons):
+            try:
+                m.close()
+            except BufferError:
+                pass
+
+
+class RingReader(RingMapping):
+    """Consumer side of one ring buffer map whose records share one layout."""
+
+    def __init__(self, map_fd: int, size: int, record: struct.Struct, *,
+                 probe_offset: Optional[int] = None) -> None:
+        super().__init__(map_fd, size)
         self.record = record
         self.stride = (record.size + 8 + 7) & ~7
         # record header (len, pgoff) skipped, payload, padding: for stride decoding
@@ -65,8 +93,6 @@ class RingReader:
         self.decode_errors: dict[int, int] = {}
         self.probe_offset = probe_offset
 
-    def pending(self) -> int:
-        return int(self._prod_q[0] - self._cons_q[0])
 
     def drain(self, max_records: int = 1 << 30) -> list[tuple[Any, ...]]:
         """Decode every committed record (up to ``max_records``), oldest first."""
@@ -119,18 +145,3 @@ class RingReader:
         if at is not None and length >= at + 4:
             probe = _U32.unpack_from(self._view, payload + at)[0]
         self.decode_errors[probe] = self.decode_errors.get(probe, 0) + 1
-
-    def close(self) -> None:
-        # A drain cut short by a signal (the CLI raises there to end) may still
-        # hold a slice of the ring in a frame its exception keeps alive while
-        # the session closes: the mapping then goes when that view does.
-        for v in (self._cons_q, self._prod_q, self._view):
-            try:
-                v.release()
-            except BufferError:
-                pass
-        for m in (self._prod, self._cons):
-            try:
-                m.close()
-            except BufferError:
-                pass

@@ -11,10 +11,10 @@ and DISCARD bits, page offset) and the payload, rounded up to 8 bytes.
 
 from __future__ import annotations
 
-import mmap
 import struct
 from typing import Any
 
+from apptrace.ringbuf import RingMapping
 from apptrace.ssl._kernel import CLOSE, CLOSE_REC, CONN, CONN_REC, DATA, DATA_HDR
 
 __all__ = ["TlsRing"]
@@ -24,29 +24,15 @@ _DISCARD = 1 << 30
 _U32 = struct.Struct("<I")
 
 
-class TlsRing:
+class TlsRing(RingMapping):
     """Drain TLS records as tuples: ``(DATA, *header, payload)``,
     ``(CONN, *fields)`` or ``(CLOSE, *fields)``."""
 
     def __init__(self, map_fd: int, size: int) -> None:
-        page = mmap.PAGESIZE
-        self.size = size
-        self.mask = size - 1
-        self._cons = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
-                               offset=0)
-        self._prod = mmap.mmap(map_fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ,
-                               offset=page)
-        self._view = memoryview(self._prod)
-        # Whole 8-byte stores: a half-written consumer position looks like a
-        # full ring to the kernel.
-        self._cons_q = memoryview(self._cons).cast("Q")
-        self._prod_q = self._view[:8].cast("Q")
-        self.base = page
+        super().__init__(map_fd, size)
+        self.base = self._data_off
         self.discarded = 0   # records the kernel discarded (none expected)
         self.malformed = 0   # records of an unknown kind or size
-
-    def pending(self) -> int:
-        return int(self._prod_q[0] - self._cons_q[0])
 
     def drain(self, max_bytes: int = 1 << 62) -> list[tuple[Any, ...]]:
         """Every committed record (up to about ``max_bytes`` of ring), oldest first."""
@@ -87,10 +73,3 @@ class TlsRing:
         if cons != start:
             self._cons_q[0] = cons
         return out
-
-    def close(self) -> None:
-        self._cons_q.release()
-        self._prod_q.release()
-        self._view.release()
-        self._prod.close()
-        self._cons.close()
