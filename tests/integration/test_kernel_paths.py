@@ -281,8 +281,9 @@ def test_stats_of_a_session_that_never_started() -> None:
 
 def test_ring_reader_sorts_good_wrong_size_and_discarded_records(fixtures_dir: Path) -> None:
     """One program writes, per hit, a record of the reader's layout, one longer,
-    one shorter (exactly long enough to name its probe: 20 bytes), one too
-    short to name it, and one it discards. A bounded drain stops at its bound."""
+    one shorter (exactly long enough to name its probe: 20 bytes), two too
+    short to name it (8 and 16 bytes), and one it discards. A bounded drain
+    stops at its bound."""
     import subprocess
 
     from apptrace.bpf import Program
@@ -298,6 +299,7 @@ BPF_ARRAY(hits, u64, 1);
 struct good {{ struct apptrace_hdr h; u64 v; }};
 struct longer {{ struct apptrace_hdr h; u64 v; u64 extra; }};
 struct shorter {{ u64 ts; u32 pid; u32 tid; u32 probe; }} __attribute__((packed));
+struct notquite {{ u64 ts; u32 pid; u32 tid; }};  /* 16 bytes: ends where the index would start */
 int emit(struct pt_regs *ctx) {{
     u32 zero = 0;
     u64 *n = hits.lookup(&zero);
@@ -312,6 +314,8 @@ int emit(struct pt_regs *ctx) {{
     if (s) {{ __builtin_memset(s, 0, sizeof(*s)); s->probe = 2; rb.ringbuf_submit(s, 0); }}
     u64 *t = rb.ringbuf_reserve(sizeof(u64));
     if (t) {{ *t = 7; rb.ringbuf_submit(t, 0); }}
+    struct notquite *q = rb.ringbuf_reserve(sizeof(struct notquite));
+    if (q) {{ q->ts = 1; q->pid = 2; q->tid = 3; rb.ringbuf_submit(q, 0); }}
     struct good *d = rb.ringbuf_reserve(sizeof(struct good));
     if (d) rb.ringbuf_discard(d, 0);
     return 0;
@@ -341,7 +345,7 @@ int emit(struct pt_regs *ctx) {{
             while time.monotonic() < deadline and (len(recs) < n or reader.pending()):
                 recs += reader.drain()
             assert [r[-1] for r in recs] == list(range(n))
-            assert reader.decode_errors == {1: n, 2: n, -1: n}
+            assert reader.decode_errors == {1: n, 2: n, -1: 2 * n}
             assert reader.discarded == n
             assert reader.pending() == 0
         finally:
