@@ -364,6 +364,10 @@ class Capture:
                             self._queued_bytes += size
                         self._in_hand = False
                         self._cond.notify_all()
+                if not recs:
+                    # Data pending but nothing complete: a record still being
+                    # written (a 16 KiB chunk takes a while). Wait, don't spin.
+                    time.sleep(self.poll_s)
         except BaseException as err:  # noqa: BLE001 - surfaced by poll()
             self._drain_error = err
         finally:
