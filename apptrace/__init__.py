@@ -20,8 +20,8 @@ _WHERE = {
                         "BinaryNotFoundError", "BpfError", "CommandNotFoundError", "ElfError",
                         "ElfNotFoundError", "ExpressionError", "GcLogError",
                         "JvmProbesMissingError", "KernelThreadError", "NoProbesError",
-                        "NoTlsLibraryError", "NotAJvmError", "OptionError", "OutputError", "ProbeNotFoundError",
-                        "ProbeSpecError",
+                        "NoTlsLibraryError", "NotAJvmError", "OptionError", "OutputError",
+                        "ProbeNotFoundError", "ProbeSpecError",
                         "ProcessGoneError", "ProcessNotFoundError", "SemaphoreConflictError",
                         "SemaphoreError", "SessionStateError", "SpawnError",
                         "StrippedTlsError", "SymbolizerError", "TracePermissionError",
@@ -76,24 +76,24 @@ if TYPE_CHECKING:
     from apptrace.errors import JvmProbesMissingError as JvmProbesMissingError
     from apptrace.errors import KernelThreadError as KernelThreadError
     from apptrace.errors import NoProbesError as NoProbesError
-    from apptrace.errors import NoTlsLibraryError as NoTlsLibraryError
     from apptrace.errors import NotAJvmError as NotAJvmError
+    from apptrace.errors import NoTlsLibraryError as NoTlsLibraryError
     from apptrace.errors import OptionError as OptionError
     from apptrace.errors import OutputError as OutputError
     from apptrace.errors import ProbeNotFoundError as ProbeNotFoundError
     from apptrace.errors import ProbeSpecError as ProbeSpecError
     from apptrace.errors import ProcessGoneError as ProcessGoneError
     from apptrace.errors import ProcessNotFoundError as ProcessNotFoundError
+    from apptrace.errors import RunFileError as RunFileError
+    from apptrace.errors import RunTimeoutError as RunTimeoutError
     from apptrace.errors import SemaphoreConflictError as SemaphoreConflictError
     from apptrace.errors import SemaphoreError as SemaphoreError
     from apptrace.errors import SessionStateError as SessionStateError
     from apptrace.errors import SpawnError as SpawnError
     from apptrace.errors import StrippedTlsError as StrippedTlsError
     from apptrace.errors import SymbolizerError as SymbolizerError
-    from apptrace.errors import TracePermissionError as TracePermissionError
     from apptrace.errors import TraceAssertionError as TraceAssertionError
-    from apptrace.errors import RunTimeoutError as RunTimeoutError
-    from apptrace.errors import RunFileError as RunFileError
+    from apptrace.errors import TracePermissionError as TracePermissionError
     from apptrace.events import Event as Event
     from apptrace.events import ProbeInfo as ProbeInfo
     from apptrace.events import Stats as Stats

@@ -120,7 +120,8 @@ PT_REGS_OFFSET = {name: 8 * i for i, name in enumerate(
 
 # apptrace_regs_load: every pt_regs field, in order (index = byte offset / 8).
 _NREGS = len(PT_REGS_OFFSET)
-_REG_LOADS = "\n".join(f"    r->r[{off // 8}] = ctx->{name};" for name, off in PT_REGS_OFFSET.items())
+_REG_LOADS = "\n".join(f"    r->r[{off // 8}] = ctx->{name};"
+                       for name, off in PT_REGS_OFFSET.items())
 
 # kinds in struct apptrace_arg
 ARG_NONE, ARG_CONST, ARG_REG, ARG_MEM, ARG_MEM_IP = 0, 1, 2, 3, 4

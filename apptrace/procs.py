@@ -26,7 +26,7 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run ti
 if TYPE_CHECKING:
     from typing import Optional
 
-__all__ = ["ProcessRef", "Mapping", "read_maps", "resolve_binary", "mapped_objects",
+__all__ = ["ProcessRef", "Mapping", "read_maps", "resolve_binary", "mapped_objects", "nspid",
            "proc_stat", "start_ticks", "check_executable", "TERMINATING_SIGNALS"]
 
 PF_KTHREAD = 0x00200000  # task flag of kernel threads (include/linux/sched.h)
@@ -284,3 +284,16 @@ def resolve_binary(name: str, pid: Optional[int] = None) -> str:
 def _in_root(pid: int, path: str) -> str:
     rooted = f"/proc/{pid}/root{path}"
     return rooted if os.path.exists(rooted) else path
+
+
+def nspid(pid: int) -> int:
+    """The PID as the process itself sees it (its innermost PID namespace):
+    what a JVM names its perf map and hsperfdata files after."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return int(line.split()[-1])
+    except OSError:
+        pass
+    return pid

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from apptrace.errors import ApptraceError, SymbolizerError
 from apptrace.events import Event
+from apptrace.procs import nspid
 
 if TYPE_CHECKING:
     from apptrace.symbolize import StackFrame
@@ -48,17 +49,6 @@ def is_jvm(pid: int) -> bool:
             return any(line.rstrip().endswith("/libjvm.so") for line in f)
     except OSError:
         return False
-
-
-def _nspid(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("NSpid:"):
-                    return int(line.split()[-1])
-    except OSError:
-        pass
-    return pid
 
 
 def write_perf_map(pid: int, timeout: float = 30.0) -> str:
@@ -85,14 +75,13 @@ def write_perf_map(pid: int, timeout: float = 30.0) -> str:
 
 def _perf_maps(pid: int) -> tuple[str, str]:
     """(host path blazesym reads, path the JVM writes as seen from the host)."""
-    return f"/tmp/perf-{pid}.map", f"/proc/{pid}/root/tmp/perf-{_nspid(pid)}.map"
+    return f"/tmp/perf-{pid}.map", f"/proc/{pid}/root/tmp/perf-{nspid(pid)}.map"
 
 
 def _attach_socket(pid: int) -> Optional[str]:
     """The JVM's attach socket as the host sees it after the JVM is gone, or
     None for a JVM in another PID namespace (its /tmp is not ours to reach)."""
-    nspid = _nspid(pid)
-    return f"/tmp/.java_pid{pid}" if nspid == pid else None
+    return f"/tmp/.java_pid{pid}" if nspid(pid) == pid else None
 
 
 PERF_MAP_LIMIT = 1 << 30  # a JIT's perf map grows, but not past this

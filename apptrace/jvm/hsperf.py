@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from apptrace.errors import ApptraceError
+from apptrace.procs import nspid
 
 __all__ = ["PerfEntry", "HsPerfData", "find_hsperfdata", "read_hsperfdata", "nspid"]
 
@@ -138,18 +139,6 @@ class HsPerfData:
         if not cmd:
             return None
         return cmd.split()[0]
-
-
-def nspid(pid: int) -> int:
-    """The PID as the process itself sees it (innermost PID namespace)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("NSpid:"):
-                    return int(line.split()[-1])
-    except OSError:
-        pass
-    return pid
 
 
 def find_hsperfdata(pid: int) -> Optional[tuple[str, int, int]]:
