@@ -258,11 +258,6 @@ class TraceProgram:
         """The program holding a group, and the prefix of its maps' names."""
         return self._progs[g.gid]
 
-    @property
-    def prog(self) -> Program:
-        """The session-wide program (hooks, entry hold, companion no-op)."""
-        return self.base
-
     def _fill_specs(self, g: Group) -> None:
         """Write each reader's argument (and string) specs into the group's maps."""
         assert g.plan is not None
@@ -316,8 +311,8 @@ class TraceProgram:
         if entry is None:
             self.hold_at_entry = False
             return
-        fd = self.prog.load("apptrace_hold_at_entry")
-        self.prog.attach_perf(fd, child.exe, entry, child.pid, 0, False, "entry hold")
+        fd = self.base.load("apptrace_hold_at_entry")
+        self.base.attach_perf(fd, child.exe, entry, child.pid, 0, False, "entry hold")
 
     def _raise_procmem(self, binary: str, offset: int, child: Optional[HeldCommand]) -> None:
         """A held command's semaphores are raised after its exec, not in the launcher."""
@@ -355,12 +350,12 @@ class TraceProgram:
                     if where is None:
                         continue
                     label = f"{p.info.label} (companion semaphore)"
-                    fd = self.prog.load("apptrace_noop", multi=self.multi)
+                    fd = self.base.load("apptrace_noop", multi=self.multi)
                     if self.multi:
-                        self.prog.attach_multi(fd, binary, [where], [sem], [0], pid, False,
+                        self.base.attach_multi(fd, binary, [where], [sem], [0], pid, False,
                                                label)
                     else:
-                        self.prog.attach_perf(fd, binary, where, pid, sem, False, label)
+                        self.base.attach_perf(fd, binary, where, pid, sem, False, label)
 
     # -- kernel-side counters ----------------------------------------------------
 
