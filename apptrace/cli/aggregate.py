@@ -108,7 +108,7 @@ def run_family(family: Any, args: argparse.Namespace, out: TextIO, *, command: s
             out.close()
         else:
             sys.stdout.flush()
-    from apptrace.cli.trace import command_status
+    from apptrace.cli.base import command_status
 
     status = family.exit_status
     if not args.quiet and status is not None:

@@ -121,3 +121,11 @@ def say(text: str, stream: Optional[TextIO] = None) -> None:
         (stream or sys.stderr).flush()
     except (OSError, ValueError):
         pass
+
+
+def command_status(status: Optional[int]) -> int:
+    """apptrace's exit status for a traced command's: its own, or 128+N for a
+    signal N (as the shell, time, timeout and strace report it)."""
+    if status is None:
+        return 0
+    return 128 - status if status < 0 else status

@@ -159,7 +159,7 @@ class JvmGcCommand(Command):
                     sys.stdout.flush()
         if check_failed:
             return 1
-        from apptrace.cli.trace import command_status
+        from apptrace.cli.base import command_status
 
         return command_status(status)
 

@@ -10,7 +10,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Optional, TextIO
 
-from apptrace.cli.base import Command, CommandError, deferred_signals, say
+from apptrace.cli.base import Command, CommandError, command_status, deferred_signals, say
 from apptrace.output import EscapingWriter, escape_text, open_output
 
 if TYPE_CHECKING:
@@ -194,12 +194,6 @@ def check_options(args: argparse.Namespace) -> None:
         raise CommandError(f"trace: {err}") from err
 
 
-def command_status(status: Optional[int]) -> int:
-    """apptrace's exit status for a traced command's: its own, or 128+N for a
-    signal N (as the shell, time, timeout and strace report it)."""
-    if status is None:
-        return 0
-    return 128 - status if status < 0 else status
 
 
 class _RawModules:
