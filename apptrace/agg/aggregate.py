@@ -38,7 +38,7 @@ from apptrace.agg.bpfgen import (
     decode_key,
     render_aggregate,
 )
-from apptrace.agg.family import GRACE_S, KernelFamily, delete_key, percpu_values
+from apptrace.agg.family import KernelFamily, delete_key, percpu_values
 from apptrace.agg.results import AggregateResult, Row, linear_histogram, log2_histogram
 from apptrace.agg.spec import (
     KEY_STR_MAX,
@@ -105,9 +105,6 @@ class Aggregator(KernelFamily):
                          semaphores=semaphores, multi=multi)
         self._handles: list[AggregateHandle] = []
         self._plan: Optional[AggPlan] = None
-        self._epoch = 0
-        self._interval = 0
-        self._last_read = 0.0
         self.result: Optional[AggregateResult] = None  # the last one read (kept after close)
 
     def add(self, spec: str, *, where: Optional[str] = None) -> AggregateHandle:
@@ -160,12 +157,7 @@ class Aggregator(KernelFamily):
         if not self.intervals:
             raise SessionStateError("made without intervals=True: use read()")
         self.start()
-        old = self._epoch
-        self._epoch ^= 1
-        self._map("agg_epoch").update(_U32.pack(0), _U32.pack(self._epoch))
-        time.sleep(GRACE_S)  # hits that read the old epoch finish first
-        rows, drops = self._collect(old)
-        self._interval += 1
+        rows, drops = self._collect(self._flip_epoch())
         self.result = self._result(rows, drops, self._interval)
         return self.result
 

@@ -96,6 +96,11 @@ class KernelFamily:
         self._started = 0.0
         self.attach_seconds = 0.0
         self._tracker: Any = None
+        # Intervals: hits go to one of two halves of the maps (the epoch);
+        # a read flips the epoch and reads the half no hit writes any more.
+        self._epoch = 0
+        self._interval = 0
+        self._last_read = 0.0
 
     # -- what subclasses give -------------------------------------------------------
 
@@ -282,6 +287,15 @@ class KernelFamily:
         return self._tracker
 
     # -- maps ----------------------------------------------------------------------------
+
+    def _flip_epoch(self) -> int:
+        """Send new hits to the other half; the half to read (nothing writes it)."""
+        old = self._epoch
+        self._epoch ^= 1
+        self._map("agg_epoch").update(_U32.pack(0), _U32.pack(self._epoch))
+        time.sleep(GRACE_S)  # hits that read the old epoch finish first
+        self._interval += 1
+        return old
 
     def _map(self, name: str) -> BpfMap:
         if self._prog is None:

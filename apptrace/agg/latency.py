@@ -46,7 +46,7 @@ from apptrace.agg.bpfgen import (
     group_c,
     key_layout,
 )
-from apptrace.agg.family import GRACE_S, KernelFamily, delete_key, percpu_values
+from apptrace.agg.family import KernelFamily, delete_key, percpu_values
 from apptrace.agg.results import LatencyResult, LatencyRow, log2_histogram
 from apptrace.agg.spec import KEY_STR_MAX, MAX_KEYS, check_expr, parse_keys
 from apptrace.codegen import TASK_HOOKS, header_c
@@ -111,9 +111,6 @@ class Latency(KernelFamily):
                          semaphores=semaphores, multi=multi)
         self._groups = [Group(0, self.entry), Group(1, self.exit)]
         self._plan: Optional[AggPlan] = None
-        self._epoch = 0
-        self._interval = 0
-        self._last_read = 0.0
         self.result: Optional[LatencyResult] = None
 
     # -- the program --------------------------------------------------------------------
@@ -291,12 +288,7 @@ static __always_inline struct lat_thread *lat_thread_of(u32 tid) {{
         if not self.intervals:
             raise SessionStateError("made without intervals=True: use read()")
         self.start()
-        old = self._epoch
-        self._epoch ^= 1
-        self._map("agg_epoch").update(_U32.pack(0), _U32.pack(self._epoch))
-        time.sleep(GRACE_S)
-        self._interval += 1
-        self.result = self._read(old)
+        self.result = self._read(self._flip_epoch())
         return self.result
 
     def _read(self, epoch: Optional[int]) -> LatencyResult:

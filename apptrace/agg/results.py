@@ -172,8 +172,22 @@ def _json_key(v: Any) -> Any:
     return v
 
 
+class _Keyed:
+    """What a result of keyed rows answers: the total and one key's row."""
+
+    rows: tuple[Any, ...]
+
+    @property
+    def count(self) -> int:
+        return sum(r.count for r in self.rows)
+
+    def row(self, *key: Any) -> Any:
+        """The row of ``key`` (one value per key name), or None."""
+        return next((r for r in self.rows if r.key == key), None)
+
+
 @dataclass(frozen=True)
-class AggregateResult:
+class AggregateResult(_Keyed):
     """Everything counted over one interval (or the whole run).
 
     ``stats`` says which values were asked for: (name, expression) pairs such
@@ -193,16 +207,6 @@ class AggregateResult:
     value_faults: int = 0      # hits skipped: an argument a value needs could not be read
     filter_faults: int = 0     # hits skipped: an argument the filter needs could not be read
     raced: int = 0             # hits skipped: another hit took this CPU's scratch space
-
-    @property
-    def count(self) -> int:
-        return sum(r.count for r in self.rows)
-
-    def row(self, *key: Any) -> Optional[Row]:
-        for r in self.rows:
-            if r.key == key:
-                return r
-        return None
 
     def to_json(self) -> dict[str, Any]:
         rows = []
@@ -353,7 +357,7 @@ class LatencyRow:
 
 
 @dataclass(frozen=True)
-class LatencyResult:
+class LatencyResult(_Keyed):
     """Paired entry/exit durations, and what could not be paired (never silent).
 
     ``unmatched_exits``: exits with no entry (the call began before tracing,
@@ -382,16 +386,6 @@ class LatencyResult:
     paired_by: str = "depth"   # "stack" when uprobe/uretprobe exits are checked by sp
     filter_faults: int = 0     # entries the filter could not judge (argument read faulted)
     percentiles: tuple[float, ...] = field(default=(0.5, 0.9, 0.99))
-
-    @property
-    def count(self) -> int:
-        return sum(r.count for r in self.rows)
-
-    def row(self, *key: Any) -> Optional[LatencyRow]:
-        for r in self.rows:
-            if r.key == key:
-                return r
-        return None
 
     def to_json(self) -> dict[str, Any]:
         rows = []
