@@ -489,25 +489,31 @@ def render_generic(plan: GroupPlan) -> str:
 
 
 SPARE_WINDOW_SHIFT = 24   # a probe's budget in the spare ring renews every 16.8 ms
-SPARE_BUDGET = 32         # records per probe, CPU and window in the spare ring (~1900/s)
+SPARE_BUDGET = 128        # spare requests per probe, CPU and window (~7600/s)
 
 
 def _spare_c(g: GroupPlan) -> str:
     """A fair group's spare ring, used only when the main ring is full, and
-    only by a probe that used it less than SPARE_BUDGET times (per CPU) in the
-    current window. A probe firing far more often than the others fills the
-    main ring and loses its excess (counted); the others' records still land
+    only by a probe that asked for it at most SPARE_BUDGET times (per CPU) in
+    this window and in the previous one. A probe firing far more often than
+    the others fills the main ring, overflows its budget in its first full
+    window and is then kept out of the spare ring for as long as it keeps
+    overflowing: its excess is lost (counted) while the others' records land
     in the spare one. Nothing is counted while the main ring has room."""
     n = g.name
-    return f"""struct {n}_share {{ u64 window; u64 n; }};
+    return f"""struct {n}_share {{ u64 window; u64 n; u64 prev; }};
 BPF_PERCPU_ARRAY({n}_share, struct {n}_share, {max(g.nprobes, 1)});
 BPF_RINGBUF_OUTPUT({n}_rs, {g.spare_pages});
 static __always_inline int {n}_may_spare(u32 probe) {{
     struct {n}_share *sh = {n}_share.lookup(&probe);
     if (!sh) return 0;
     u64 w = bpf_ktime_get_ns() >> {SPARE_WINDOW_SHIFT};
-    if (sh->window != w) {{ sh->window = w; sh->n = 0; }}
-    return ++sh->n <= {SPARE_BUDGET};
+    if (sh->window != w) {{
+        sh->prev = sh->window + 1 == w ? sh->n : 0;
+        sh->window = w;
+        sh->n = 0;
+    }}
+    return ++sh->n <= {SPARE_BUDGET} && sh->prev <= {SPARE_BUDGET};
 }}"""
 
 

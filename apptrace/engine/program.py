@@ -67,7 +67,7 @@ def ring_pages(rings: int, ringbuf_kb: Optional[int] = None) -> int:
     return 1 << (pages - 1).bit_length()
 
 
-SPARE_MIN_PAGES = 16  # 64 KiB: a hot probe's spare budget fills it only after ~0.4 s
+SPARE_MIN_PAGES = 16  # 64 KiB: ~740 small records; a hot probe takes one budget of them per burst
 
 
 def spare_pages(pages: int, event_bytes: int) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -85,15 +86,18 @@ def test_cli_where(fixtures_dir: Path) -> None:
 # -- a hot probe beside a rare one ------------------------------------------------------
 
 
-def _hot_and_rare(loop: Path, n: int) -> tuple[dict[str, int], dict[str, int], int]:
+def _hot_and_rare(loop: Path, n: int,
+                  stall: float = 0.0) -> tuple[dict[str, int], dict[str, int], int]:
     """Trace agg_loop's hot and rare probes (one glob, one small ring) while a
-    reader drains as usual: (events per probe, lost per probe, rare fired)."""
+    reader drains as usual, or pauses ``stall`` seconds between reads:
+    (events per probe, lost per probe, rare fired)."""
     with Session(path=str(loop), ringbuf_kb=256) as s:
         s.add(f"usdt:{loop}:apptrace_fx:*")
         s.start()
         proc = subprocess.Popen([str(loop), str(n)], stdout=subprocess.PIPE, text=True)
         got: dict[str, int] = {}
         while proc.poll() is None:
+            time.sleep(stall)
             for e in s.poll(0.05):
                 got[e.probe.name] = got.get(e.probe.name, 0) + 1
         s.detach()
@@ -121,4 +125,10 @@ def test_rare_probe_not_starved_by_a_hot_one(fixtures_dir: Path,
     assert fired == n // 1024 + 1
     assert got["apptrace_fx:rare"] == fired and "usdt:apptrace_fx:rare" not in lost
     assert lost["usdt:apptrace_fx:hot"] > 0
+    assert got["apptrace_fx:hot"] + lost["usdt:apptrace_fx:hot"] == n
+    # A reader that falls behind (a busy machine): the hot probe, which
+    # overflowed its spare budget, is kept out of the spare ring, which
+    # holds the rare probe's records until the reader comes back.
+    got, lost, fired = _hot_and_rare(loop, n, stall=0.2)
+    assert got["apptrace_fx:rare"] == fired and "usdt:apptrace_fx:rare" not in lost, (got, lost)
     assert got["apptrace_fx:hot"] + lost["usdt:apptrace_fx:hot"] == n
