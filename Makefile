@@ -43,12 +43,13 @@ fixtures:
 
 include mk/blazesym.mk
 
-# The compiled reader of blazesym results (cffi API mode, see
-# apptrace/_blazepack_build.py). Without it apptrace.symbolize reads results
-# in cffi's ABI mode: the same frames, several times slower.
+# The compiled reader of blazesym results (cffi API mode) and the C frame
+# builder (apptrace/_frames.c), both made by apptrace/_blazepack_build.py.
+# Without them apptrace.symbolize reads results in cffi's ABI mode and builds
+# frames in Python: the same frames, several times slower.
 BLAZEPACK := apptrace/_blazepack$(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 blazepack: $(BLAZEPACK)
-$(BLAZEPACK): apptrace/_blazepack_build.py apptrace/symbolize.py | $(STAMPS)/venv
+$(BLAZEPACK): apptrace/_blazepack_build.py apptrace/_frames.c apptrace/symbolize.py | $(STAMPS)/venv
 	@$(PY) apptrace/_blazepack_build.py
 
 # Mutation testing (not in CI): mutmut over the engine modules with the fast
@@ -89,6 +90,6 @@ lint: venv
 	$(VENV)/bin/mypy apptrace
 
 clean:
-	rm -rf $(BUILD) $(VENV) dist apptrace/libblazesym_c.so apptrace/LICENSE.blazesym apptrace/_blazepack*.so
+	rm -rf $(BUILD) $(VENV) dist apptrace/libblazesym_c.so apptrace/LICENSE.blazesym apptrace/_blazepack*.so apptrace/_frames*.so
 	@$(MAKE) -s -C fixtures/c clean
 	@$(MAKE) -s -C fixtures/java clean

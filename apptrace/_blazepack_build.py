@@ -289,16 +289,39 @@ ffibuilder.cdef(_CDEF_TYPES + PACK_CDEF)
 ffibuilder.set_source("apptrace._blazepack", PACK_C, extra_compile_args=["-O2"])
 
 
-def build(dest_dir: str = HERE) -> str:
-    """Compile in a scratch directory and install the extension next to this file."""
+def _install(built: str, dest: str) -> None:
+    shutil.copyfile(built, dest + ".tmp")
+    os.replace(dest + ".tmp", dest)
+
+
+def build_frames(tmp: str, dest_dir: str) -> str:
+    """Compile apptrace/_frames.c (a plain CPython extension: it builds the
+    frame tuples) with setuptools' build_ext."""
+    from setuptools import Distribution, Extension
+
+    ext = Extension("apptrace._frames", [os.path.join(HERE, "_frames.c")],
+                    extra_compile_args=["-O2"])
+    dist = Distribution({"name": "apptrace-frames", "ext_modules": [ext]})
+    cmd = dist.get_command_obj("build_ext")
+    cmd.build_temp = os.path.join(tmp, "temp")  # type: ignore[attr-defined]
+    cmd.build_lib = os.path.join(tmp, "lib")  # type: ignore[attr-defined]
+    cmd.ensure_finalized()
+    cmd.run()
+    dest = os.path.join(dest_dir, os.path.basename(cmd.get_ext_fullpath(ext.name)))  # type: ignore[attr-defined]
+    _install(cmd.get_ext_fullpath(ext.name), dest)  # type: ignore[attr-defined]
+    return dest
+
+
+def build(dest_dir: str = HERE) -> list[str]:
+    """Compile in a scratch directory and install both extensions next to this file."""
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
     with tempfile.TemporaryDirectory(prefix="apptrace-blazepack-") as tmp:
         built = ffibuilder.compile(tmpdir=tmp, verbose=False)
         dest = os.path.join(dest_dir, "_blazepack" + suffix)
-        shutil.copyfile(built, dest + ".tmp")
-        os.replace(dest + ".tmp", dest)
-    return dest
+        _install(built, dest)
+        return [dest, build_frames(tmp, dest_dir)]
 
 
 if __name__ == "__main__":
-    print(f"blazepack: {build()} ready")
+    for path in build():
+        print(f"blazepack: {path} ready")

@@ -19,9 +19,11 @@ Why ABI mode (``ffi.dlopen``) rather than API mode (a compiled extension):
 Reading the result is another matter: field by field through cffi costs
 about 3 us per frame, eight times the blazesym call. So a small compiled
 helper (``apptrace._blazepack``, cffi API mode, ``make blazepack``; it reads
-the result structs and calls nothing) flattens each result into columns that
-become frames at C speed; without it the ABI-mode loop gives the same
-frames, slower. Frames are light shared tuples (see :class:`StackFrame`),
+the result structs and calls nothing) flattens each result into columns, and
+a second one (``apptrace._frames``, a plain CPython extension built with it)
+turns the columns into frames, untracked by the garbage collector; without
+them, Python loops give the same frames, slower (``bench_symbolize`` shows
+both). Frames are light shared tuples (see :class:`StackFrame`),
 addresses go to blazesym ascending, and a big batch is looked up in chunks
 on a worker thread while the previous chunk's frames are built.
 
@@ -327,6 +329,7 @@ class _Binding:
             for r in range(256)
         ]
         self.pack = _load_pack()
+        self.frames = _load_frames() if self.pack is not None else None
         self.text: dict[bytes, str] = {}  # decoded names and modules, shared by all results
 
     def err_text(self, code: int) -> str:
@@ -349,6 +352,18 @@ def _load_pack() -> Any:
     except ImportError:
         return None
     return _blazepack
+
+
+def _load_frames() -> Any:
+    """The C frame builder (``make blazepack``, apptrace/_frames.c), or None
+    for the Python loops; also off with ``APPTRACE_BLAZEPACK=0``."""
+    if os.environ.get(PACK_ENV_VAR) == "0":
+        return None
+    try:
+        from apptrace import _frames  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _frames
 
 
 _bindings: dict[str, _Binding] = {}
@@ -593,17 +608,21 @@ class Symbolizer:
                     self._result_count = 0
                 known = self._results[key] = {}
         try:
-            out = list(map(known.get, addrs))
-            if None not in out:  # all known: the hot path of a tracer
-                return out  # type: ignore[return-value]
+            # All known is the hot path of a tracer; a batch whose first
+            # address is new is most likely new throughout (skip that pass).
+            if addrs and addrs[0] in known:
+                out = list(map(known.get, addrs))
+                if None not in out:
+                    return out  # type: ignore[return-value]
             # Sorted: blazesym looks up ascending addresses about 30% faster.
             missing = sorted(set(addrs).difference(known))
         except TypeError as exc:
             raise SymbolizerError(f"addresses must be integers in [0, 2**64): {exc}") from exc
-        run(missing, known)
-        with self._lock:
-            self._result_count += len(missing)
-        return list(map(known.__getitem__, addrs))
+        with _gc_paused():
+            run(missing, known)
+            with self._lock:
+                self._result_count += len(missing)
+            return list(map(known.__getitem__, addrs))
 
     def _forget_process(self, pid: int) -> None:
         with self._lock:
@@ -697,7 +716,7 @@ class Symbolizer:
 
         return self._run(call, offsets, None, into)
 
-    CHUNK = 4096  # addresses per blazesym call when a batch is pipelined
+    CHUNK = 2048  # addresses per blazesym call when a batch is pipelined
 
     def _run(self, call: Callable[[Any, int], Any], addrs: Sequence[int],
              adjust: Optional[Sequence[int]],
@@ -779,11 +798,13 @@ def _addr_array(b: _Binding, addrs: Sequence[int]) -> Any:
 def _gc_paused() -> Iterator[None]:
     """Hold the cyclic garbage collector while a batch of frames is built.
 
-    Frames and their groups cannot form cycles, but each is a tracked
-    container: tens of thousands of them trigger dozens of collections (and
-    now and then a full one over every cached frame), a third of the cost of
-    building them. The collector is restored as it was, so one collection
-    covers the whole batch afterwards.
+    Frames and their groups cannot form cycles. Built in Python each is a
+    tracked container, and tens of thousands of them trigger dozens of
+    collections (now and then a full one over every cached frame). Built in
+    C they are untracked, but their allocations still count towards the
+    collector's thresholds and would make it walk the rest of the program's
+    objects mid-batch. The collector is restored as it was, so one
+    collection covers the whole batch afterwards.
     """
     enabled = gc.isenabled()
     if enabled:
@@ -857,7 +878,9 @@ def _unpack(b: _Binding, res: Any, arr: Any, keys_in: Sequence[int],
     wheres = ffi.new("uint32_t[]", 5 * (nf + 1))
     sizes = ffi.new("size_t[4]")
     adj = ffi.new("uint8_t[]", bytes(adjust)) if adjust is not None else ffi.NULL
-    if lib.apptrace_pack(ptr, inputs, adj, into is not None, nf, addrs, offsets, lines,
+    build = b.frames.build if b.frames is not None else None
+    if lib.apptrace_pack(ptr, inputs, adj, into is not None and build is None, nf, addrs,
+                         offsets, lines,
                          where_ids, keys, groups, strs, kinds, paths, wheres, sizes) != 0:
         raise SymbolizerError("out of memory while reading a blazesym result")
     nstr, npath, nwhere, singles = sizes[0], sizes[1], sizes[2], sizes[3]
@@ -892,6 +915,12 @@ def _unpack(b: _Binding, res: Any, arr: Any, keys_in: Sequence[int],
         where.append(_Where(name, files[wv[i + 1]], bool(wv[i + 3]), strings[wv[i + 2]],
                             None if name is not None else reasons[wv[i + 4]]))
 
+    if build is not None:  # frames and groups made (and untracked) in C
+        def at(col: Any) -> int:
+            return int(ffi.cast("uintptr_t", col))
+
+        return build(StackFrame, nf, at(addrs), at(offsets), at(lines), at(where_ids), where,
+                     cnt, at(groups), at(keys), keys_in, into) or []
     frames = map(_new_frame, repeat(StackFrame), zip(
         ffi.unpack(addrs, nf), ffi.unpack(offsets, nf), ffi.unpack(lines, nf),
         map(where.__getitem__, ffi.unpack(where_ids, nf))))

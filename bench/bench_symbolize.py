@@ -29,6 +29,7 @@ Usage: python bench/bench_symbolize.py [--quick] [--json]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -38,7 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -115,6 +116,19 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     t0 = time.perf_counter()
     result = fn()
     return time.perf_counter() - t0, result
+
+
+@contextlib.contextmanager
+def python_frames() -> Iterator[None]:
+    """Frames built by the Python loops instead of apptrace/_frames.c."""
+    from apptrace import symbolize
+
+    b = symbolize._binding()
+    saved, b.frames = b.frames, None
+    try:
+        yield
+    finally:
+        b.frames = saved
 
 
 def native_only(symz: Symbolizer, path: str, addrs: list[int]) -> float:
@@ -213,8 +227,19 @@ def run(quick: bool = False) -> dict[str, Any]:
 
         with Symbolizer() as symz:
             symz.symbolize_elf(path, warmup)  # files parsed; these addresses are not reused
-            unseen_runs = [timed(lambda s=s: symz.symbolize_elf(path, s)) for s in unseen]
+            # Side by side on the same sets: frames built by apptrace/_frames.c,
+            # and by the Python loops it replaces (a second warm symbolizer).
+            unseen_runs, py_runs = [], []
+            with Symbolizer() as py_symz:
+                py_symz.symbolize_elf(path, warmup)
+                for s in unseen:
+                    unseen_runs.append(timed(lambda s=s: symz.symbolize_elf(path, s)))
+                    with python_frames():
+                        py_runs.append(timed(lambda s=s: py_symz.symbolize_elf(path, s)))
+            if py_runs[0][1] != unseen_runs[0][1]:
+                raise RuntimeError("benchmark self-check failed: C and Python frames differ")
             results["warm_unseen_s"] = min(t for t, _ in unseen_runs)
+            results["warm_unseen_pyframes_s"] = min(t for t, _ in py_runs)
             frames = unseen_runs[0][1]
             results["native_s"] = native_only(symz, path, unseen[0])
             # Every address of unseen[0] is now in the result cache.
@@ -261,7 +286,8 @@ def run(quick: bool = False) -> dict[str, Any]:
             results["addr2line_unseen_sets_s"] = best_addr2line(binary, unseen)
             results["addr2line_cached_set_s"] = best_addr2line(binary, [unseen[0]] * REPEATS)
 
-    for key in ("cold", "warm_unseen", "warm_unseen_process", "cached", "native"):
+    for key in ("cold", "warm_unseen", "warm_unseen_pyframes", "warm_unseen_process", "cached",
+                "native"):
         results[f"{key}_per_s"] = naddrs / results[f"{key}_s"]
     if have_a2l:
         for key in ("addr2line_cold_set", "addr2line_unseen_sets", "addr2line_cached_set"):
@@ -269,6 +295,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         results["cold_vs_addr2line"] = results["addr2line_cold_set_s"] / results["cold_s"]
         a2l = results["addr2line_unseen_sets_s"]
         results["warm_unseen_vs_addr2line"] = a2l / results["warm_unseen_s"]
+        results["warm_unseen_pyframes_vs_addr2line"] = a2l / results["warm_unseen_pyframes_s"]
         results["warm_unseen_process_vs_addr2line"] = a2l / results["warm_unseen_process_s"]
         results["native_vs_addr2line"] = a2l / results["native_s"]
         results["cached_vs_addr2line"] = results["addr2line_cached_set_s"] / results["cached_s"]
@@ -282,6 +309,8 @@ ROWS = (
     ("cold (new Symbolizer)", "cold", "cold_vs_addr2line", "addr2line_cold_set"),
     ("warm, unseen addresses (ELF)", "warm_unseen", "warm_unseen_vs_addr2line",
      "addr2line_unseen_sets"),
+    ("  same, frames built in Python", "warm_unseen_pyframes",
+     "warm_unseen_pyframes_vs_addr2line", "addr2line_unseen_sets"),
     ("warm, unseen (process)", "warm_unseen_process", "warm_unseen_process_vs_addr2line",
      "addr2line_unseen_sets"),
     ("  blazesym C call alone", "native", "native_vs_addr2line", "addr2line_unseen_sets"),

@@ -397,38 +397,75 @@ def test_threads_share_one_symbolizer(c_prog: Path) -> None:
 
 def test_compiled_reader_and_abi_mode_give_the_same_frames(
         c_prog: Path, cxx_prog: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The compiled result reader (``make blazepack``) and the ABI-mode fallback
-    agree frame for frame: inlined frames, unknown addresses, return addresses."""
+    """The three readers agree frame for frame (inlined frames, unknown
+    addresses, return addresses): the compiled reader with frames built in C
+    (``make blazepack``), the compiled reader with frames built in Python,
+    and the ABI-mode fallback."""
+    import gc
+
     from apptrace import symbolize
 
     b = symbolize._binding()
-    if b.pack is None:
-        missing("apptrace._blazepack is not built (make blazepack)")
+    if b.pack is None or b.frames is None:
+        missing("apptrace._blazepack or apptrace._frames is not built (make blazepack)")
     inputs = []
     for prog in (c_prog, cxx_prog):
         for start, size in symbols(prog).values():
             inputs.append((prog, list(range(start, start + max(size, 1)))))
     inputs.append((c_prog, [0, 1, 0x7FFF_FFFF_0000]))  # unknown: a reason each
-    got: dict[tuple[bool, int], list[object]] = {}
-    for compiled in (True, False):
+    got: dict[tuple[str, int], list[object]] = {}
+    for reader in ("c", "columns", "abi"):
         # A small chunk size: big batches are pipelined (a worker thread asks
         # blazesym for the next chunk while this one is read).
         for chunk in (Symbolizer.CHUNK, 8):
-            monkeypatch.setattr(b, "pack", b.pack if compiled else None)
+            monkeypatch.setattr(b, "pack", None if reader == "abi" else b.pack)
+            monkeypatch.setattr(b, "frames", b.frames if reader == "c" else None)
             monkeypatch.setattr(Symbolizer, "CHUNK", chunk)
             with Symbolizer() as s:
-                got[compiled, chunk] = [s.symbolize_elf(str(p), a) for p, a in inputs]
-                got[compiled, chunk].append(
+                got[reader, chunk] = [s.symbolize_elf(str(p), a) for p, a in inputs]
+                got[reader, chunk].append(
                     s.symbolize_stack(os.getpid(), [id(symbolize), id(b), 0, 1]))
-                got[compiled, chunk].append(s.symbolize_process(
+                got[reader, chunk].append(s.symbolize_process(
                     os.getpid(), [id(symbolize), id(b), 1, 2] * 9, return_addresses=True))
             monkeypatch.undo()
-    first = got[True, Symbolizer.CHUNK]
+    first = got["c", Symbolizer.CHUNK]
     assert all(v == first for v in got.values())
-    got = {True: first}
-    frames = [f for groups in got[True][:-2] for g in groups for f in g]  # type: ignore[attr-defined]
+    frames = [f for groups in first[:-2] for g in groups for f in g]  # type: ignore[attr-defined]
     assert any(f.inlined for f in frames) and any(f.reason for f in frames)
     assert any(f.file and f.line for f in frames)
+    # Frames built in C cannot be in a cycle and are left out of the
+    # collector's walks, with the tuples that group them.
+    assert all(type(f) is StackFrame and not gc.is_tracked(f) for f in frames)
+    assert not any(gc.is_tracked(g) for groups in first[:-2] for g in groups)  # type: ignore[attr-defined]
+
+
+def test_frame_builder_rejects_bad_columns() -> None:
+    """The C frame builder checks what it is given instead of reading past it."""
+    from apptrace import symbolize
+
+    b = symbolize._binding()
+    if b.pack is None or b.frames is None:
+        missing("apptrace._frames is not built (make blazepack)")
+    ffi = b.pack.ffi
+    cols = [ffi.new("uint64_t[]", [0x10, 0x10]), ffi.new("uint64_t[]", 2),
+            ffi.new("uint32_t[]", 2), ffi.new("uint32_t[]", [1, 5])]
+    at = [int(ffi.cast("uintptr_t", c)) for c in cols]
+    where = [None, symbolize._Where("f", None, False, None, None)]
+    groups, keys = ffi.new("uint32_t[]", [1, 1]), ffi.new("uint64_t[]", [0, 1])
+    args = (2, *at, where, 2, int(ffi.cast("uintptr_t", groups)),
+            int(ffi.cast("uintptr_t", keys)), [7, 8])
+    with pytest.raises(ValueError, match="unknown function record"):
+        b.frames.build(StackFrame, *args, None)
+    cols[3][1] = 1
+    assert b.frames.build(StackFrame, *args, None) == [
+        (StackFrame(0x10, "f", 0, None, None, False, None),)] * 2
+    into: dict[int, object] = {}
+    assert b.frames.build(StackFrame, *args, into) is None and sorted(into) == [7, 8]
+    groups[1] = 2  # three frames claimed, two given
+    with pytest.raises(ValueError, match="exceed"):
+        b.frames.build(StackFrame, *args, None)
+    with pytest.raises(TypeError):
+        b.frames.build(int, *args, None)
 
 
 def test_stack_frame_is_a_value() -> None:
