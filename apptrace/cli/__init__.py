@@ -29,7 +29,7 @@ from apptrace.errors import ApptraceError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time
 if TYPE_CHECKING:
-    from typing import Any, Optional, Sequence
+    from typing import Any, Callable, Optional, Sequence
 
 __all__ = ["main", "Command", "CommandError", "COMMANDS"]
 
@@ -145,8 +145,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not getattr(args._command, "takes_command", False):
             parser.error(f"{args._command.name} does not run a command (remove --)")
         args.command_argv = command_argv
-    restore = install_signal_handlers()
+    restore: "Callable[[], None]" = _nothing
     try:
+        # Inside the try: a signal that lands while the handlers are being
+        # installed ends the run like any other (exit 130 for SIGINT).
+        restore = install_signal_handlers()
         return int(args._command.run(args) or 0)
     except CommandError as err:
         say(f"apptrace: {err}")
@@ -174,6 +177,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     finally:
         restore()
+
+
+def _nothing() -> None:
+    """No handlers were installed: nothing to restore."""
 
 
 def _silence(stream: object) -> None:

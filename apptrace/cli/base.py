@@ -95,19 +95,26 @@ def install_signal_handlers() -> Callable[[], None]:
     _Ending.ending, _Ending.depth, _Ending.deferred = False, 0, None
     saved: dict[int, Any] = {}
     wanted: list[tuple[int, Any]] = [(sig, _on_signal) for sig in TERMINATING_SIGNALS]
-    for sig, handler in [*wanted, (signal.SIGPIPE, signal.SIG_IGN)]:
-        try:
-            old = signal.signal(sig, handler)
-        except ValueError:  # not the main thread: leave signals alone
-            break
-        except OSError:
-            continue
-        saved[sig] = old
 
     def restore() -> None:
         for sig, old in saved.items():
             with contextlib.suppress(ValueError, OSError, TypeError):
                 signal.signal(sig, old)
+
+    try:
+        for sig, handler in [*wanted, (signal.SIGPIPE, signal.SIG_IGN)]:
+            try:
+                old = signal.signal(sig, handler)
+            except ValueError:  # not the main thread: leave signals alone
+                break
+            except OSError:
+                continue
+            saved[sig] = old
+    except BaseException:
+        # A signal caught by a handler installed a moment ago: put the old
+        # ones back and let the caller end the way that signal says.
+        restore()
+        raise
 
     return restore
 
