@@ -247,3 +247,109 @@ def test_sigkill_of_tracer_drops_kernel_semaphores(fixtures_dir: Path, spawn: An
     assert sc.counters() == OFF
     enabled, fired, _ = sc.ask()
     assert enabled == OFF and fired == {}
+
+
+# -- records a dead tracer leaves, read and reset in this process ------------------------
+# (the CLI's `apptrace semaphores` runs these in a subprocess; here each step
+# is checked in-process against the fixture's own is-enabled answer)
+
+_DEAD_TRACER = """
+import os, sys
+from apptrace.semaphores import ProcMemSemaphores
+sems = ProcMemSemaphores(int(sys.argv[1]))
+for off in sys.argv[3:]:
+    sems.add(sys.argv[2], int(off))
+print(sems.record_path, flush=True)
+os.kill(os.getpid(), 9)  # a tracer killed before it could lower them
+"""
+
+
+def _kill_a_tracer(pid: int, binary: Path, offsets: list[int], env: dict[str, str]) -> str:
+    r = subprocess.run([sys.executable, "-c", _DEAD_TRACER, str(pid), str(binary),
+                        *map(str, offsets)], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    return r.stdout.strip()
+
+
+def test_left_raised_records_listed_and_reset(fixtures_dir: Path, spawn: Any, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from apptrace import semaphores as sm
+
+    state = tmp_path / "state"
+    monkeypatch.setenv("APPTRACE_STATE_DIR", str(state))
+    env = dict(os.environ)
+    sc = SemaChild(spawn, _private_copy(fixtures_dir / "usdt_sema_pie", tmp_path))
+    offs = _sema_offsets(sc.binary)
+    record = _kill_a_tracer(sc.pid, sc.binary, [offs["sema_ping"]], env)
+    # Two dead tracers of the same semaphore add up; one of another process
+    # (gone by now) is dropped when records are read.
+    _kill_a_tracer(sc.pid, sc.binary, [offs["sema_ping"]], env)
+    other = SemaChild(spawn, sc.binary)
+    gone = _kill_a_tracer(other.pid, sc.binary, [offs["sema_pong"]], env)
+    other.child.proc.kill()
+    other.child.proc.wait()
+    (state / "procmem-junk.json").write_text("{not json")
+    assert sc.counters() == {"sema_ping": 2, "sema_pong": 0}
+    assert sc.ask()[0] == {"sema_ping": 1, "sema_pong": 0}
+
+    left = sm.find_left_raised(sc.pid)
+    assert sorted(r.record for r in left) == sorted(
+        str(p) for p in state.glob(f"procmem-*-{sc.pid}-*.json"))
+    assert record in [r.record for r in left] and not os.path.exists(gone)
+    assert all(r.tracer_pid != os.getpid() and len(r.entries) == 1 for r in left)
+    assert sm.find_left_raised(other.pid) == []
+    shown = {(v.probe, v.value, v.left_raised) for v in sm.list_semaphores(sc.pid)}
+    assert shown == {("apptrace_fx:sema_ping", 2, 2), ("apptrace_fx:sema_pong", 0, 0)}
+    assert sm.list_semaphores(sc.pid)[0].to_json()["binary"] == str(sc.binary)
+
+    done = sm.reset_left_raised(sc.pid)
+    assert sorted(d[2:] for d in done) == [(1, 0), (1, 1)]  # lowered by 1 twice, to 0
+    assert {d[1] for d in done} == {sc.addrs["sema_ping"]}
+    assert sc.counters() == {"sema_ping": 0, "sema_pong": 0}
+    assert sc.ask()[0] == {"sema_ping": 0, "sema_pong": 0}
+    assert sm.find_left_raised(sc.pid) == [] and sm.reset_left_raised(sc.pid) == []
+    assert [p.name for p in state.iterdir()] == ["procmem-junk.json"]
+
+
+def test_reset_refuses_a_replaced_binary(fixtures_dir: Path, spawn: Any, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record names the file by device and inode: a different file at that
+    path (a new build) is not written through the old record."""
+    from apptrace import semaphores as sm
+    from apptrace.errors import SemaphoreError
+
+    monkeypatch.setenv("APPTRACE_STATE_DIR", str(tmp_path / "state"))
+    sc = SemaChild(spawn, _private_copy(fixtures_dir / "usdt_sema_pie", tmp_path))
+    off = _sema_offsets(sc.binary)["sema_ping"]
+    _kill_a_tracer(sc.pid, sc.binary, [off], dict(os.environ))
+    new = tmp_path / "new"
+    shutil.copy2(sc.binary, new)
+    os.replace(new, sc.binary)  # same path, another inode; the process keeps the old one
+    with pytest.raises(SemaphoreError, match="does not map|not the file"):
+        sm.reset_left_raised(sc.pid)
+    assert sc.counters()["sema_ping"] == 1 and len(sm.find_left_raised(sc.pid)) == 1
+
+
+def test_state_dir_is_only_ever_ours(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from apptrace.semaphores import state_dir
+
+    d = tmp_path / "st"
+    monkeypatch.setenv("APPTRACE_STATE_DIR", str(d))
+    assert state_dir() is None and not d.exists()  # not created unless asked
+    assert state_dir(create=True) == str(d) and (d.stat().st_mode & 0o777) == 0o700
+    d.chmod(0o777)
+    assert state_dir() is None  # world-writable: someone could plant records
+    d.chmod(0o700)
+    os.chown(d, 65534, 65534)
+    assert state_dir() is None  # someone else's
+    f = tmp_path / "file"
+    f.write_text("")
+    monkeypatch.setenv("APPTRACE_STATE_DIR", str(f))
+    assert state_dir() is None
+    monkeypatch.delenv("APPTRACE_STATE_DIR")
+    default = state_dir()  # root's default; there only if a tracer made it
+    assert default in ("/run/apptrace", None)
+    if default is not None:
+        st = os.stat(default)
+        assert st.st_uid == 0 and not st.st_mode & 0o022
