@@ -353,3 +353,68 @@ def test_state_dir_is_only_ever_ours(tmp_path: Path, monkeypatch: pytest.MonkeyP
     if default is not None:
         st = os.stat(default)
         assert st.st_uid == 0 and not st.st_mode & 0o022
+
+
+def test_procmem_raises_are_counted_recorded_and_lowered_exactly(
+        fixtures_dir: Path, spawn: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Raising one semaphore twice lowers it by two, no more (another raiser's
+    count stays); the record on disk says what is raised until it is lowered,
+    including after a failure in the middle of lowering."""
+    import json
+
+    from apptrace import semaphores as sm
+    from apptrace.errors import SemaphoreError
+    from apptrace.procs import start_ticks
+
+    monkeypatch.setenv("APPTRACE_STATE_DIR", str(tmp_path / "state"))
+    sc = SemaChild(spawn, _private_copy(fixtures_dir / "usdt_sema_pie", tmp_path))
+    offs = _sema_offsets(sc.binary)
+    other = sm.ProcMemSemaphores(sc.pid)  # someone else's raise, which must survive ours
+    other.add(str(sc.binary), offs["sema_ping"])
+    mine = sm.ProcMemSemaphores(sc.pid)
+    ping = mine.add(str(sc.binary), offs["sema_ping"])
+    assert mine.add(str(sc.binary), offs["sema_ping"]) == ping == sc.addrs["sema_ping"]
+    pong = mine.add(str(sc.binary), offs["sema_pong"])
+    assert sc.counters() == {"sema_ping": 3, "sema_pong": 1}
+
+    assert mine.record_path is not None and mine.record_path != other.record_path
+    with open(mine.record_path) as f:
+        doc = json.load(f)
+    st = os.stat(sc.binary)
+    assert doc["tracer"] == {"pid": os.getpid(), "start": start_ticks(os.getpid())}
+    assert doc["target"] == {"pid": sc.pid, "start": start_ticks(sc.pid)}
+    assert sorted(doc["semaphores"], key=lambda e: e["address"]) == sorted([
+        {"binary": str(sc.binary), "offset": offs[name], "dev": st.st_dev, "inode": st.st_ino,
+         "address": sc.addrs[name], "count": count}
+        for name, count in (("sema_ping", 2), ("sema_pong", 1))], key=lambda e: e["address"])
+    # A live tracer's record is not "left raised".
+    assert sm.find_left_raised(sc.pid) == []
+    assert {(v.probe, v.value, v.left_raised) for v in sm.list_semaphores(sc.pid)} == {
+        ("apptrace_fx:sema_ping", 3, 0), ("apptrace_fx:sema_pong", 1, 0)}
+    v = next(v for v in sm.list_semaphores(sc.pid) if v.probe.endswith("pong"))
+    assert v.to_json() == {"binary": str(sc.binary), "probe": "apptrace_fx:sema_pong",
+                           "address": pong, "value": 1, "left_raised": 0}
+
+    # Lowering fails at the second address: what is still raised stays recorded.
+    real_bump, calls = sm._bump, []
+
+    def failing(pid: int, addr: int, delta: int) -> int:
+        calls.append(addr)
+        if len(calls) == 2:
+            raise SemaphoreError("injected", pid=pid)
+        return real_bump(pid, addr, delta)
+
+    monkeypatch.setattr(sm, "_bump", failing)
+    with pytest.raises(SemaphoreError, match="injected"):
+        mine.close()
+    monkeypatch.setattr(sm, "_bump", real_bump)
+    first, second = calls
+    with open(mine.record_path) as f:
+        left = json.load(f)["semaphores"]
+    assert [(e["address"], e["count"]) for e in left] == [(second, 2 if second == ping else 1)]
+    mine.close()
+    assert sc.counters() == {"sema_ping": 1, "sema_pong": 0}  # only the other raiser's
+    assert not os.path.exists(mine.record_path)
+    other.close()
+    assert sc.counters() == {"sema_ping": 0, "sema_pong": 0}
+    assert sc.ask()[0] == {"sema_ping": 0, "sema_pong": 0}
