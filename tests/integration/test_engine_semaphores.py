@@ -418,3 +418,53 @@ def test_procmem_raises_are_counted_recorded_and_lowered_exactly(
     other.close()
     assert sc.counters() == {"sema_ping": 0, "sema_pong": 0}
     assert sc.ask()[0] == {"sema_ping": 0, "sema_pong": 0}
+
+
+def test_counter_arithmetic_and_errors(fixtures_dir: Path, spawn: Any, tmp_path: Path) -> None:
+    """The counter is an unsigned 16-bit value, clamped at both ends; an
+    address that is not mapped is a SemaphoreError naming it, a process that
+    is gone is ProcessGoneError."""
+    import errno
+
+    from apptrace import semaphores as sm
+    from apptrace.errors import ProcessGoneError, SemaphoreError
+
+    sc = SemaChild(spawn, _private_copy(fixtures_dir / "usdt_sema_pie", tmp_path))
+    a = sc.addrs["sema_pong"]
+    assert sm._bump(sc.pid, a, 40000) == 40000 and sm._bump(sc.pid, a, 1) == 40001
+    assert sm.read_semaphore(sc.pid, a) == 40001
+    assert sm._bump(sc.pid, a, 30000) == 0xFFFF and sm._bump(sc.pid, a, -0xFFFF) == 0
+    assert sm._bump(sc.pid, a, -1) == 0 and sc.counters()["sema_pong"] == 0
+    with pytest.raises(SemaphoreError) as info:
+        sm._bump(sc.pid, 0x10, 1)
+    assert info.value.pid == sc.pid and info.value.errno == errno.EIO
+    assert "cannot update semaphore at 0x10 in" in str(info.value)
+    assert not isinstance(info.value, ProcessGoneError)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    with pytest.raises(ProcessGoneError) as gone_info:
+        sm._bump(gone.pid, a, 1)
+    assert gone_info.value.pid == gone.pid
+
+
+def test_only_our_record_files_are_read(fixtures_dir: Path, spawn: Any, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records are ``procmem-*.json`` regular files of ours: a copy under
+    another name or behind a symlink is not one, and a broken record that
+    sorts first does not hide the ones after it."""
+    from apptrace import semaphores as sm
+
+    state = tmp_path / "state"
+    monkeypatch.setenv("APPTRACE_STATE_DIR", str(state))
+    sc = SemaChild(spawn, _private_copy(fixtures_dir / "usdt_sema_pie", tmp_path))
+    record = Path(_kill_a_tracer(sc.pid, sc.binary, [_sema_offsets(sc.binary)["sema_ping"]],
+                                 dict(os.environ)))
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text(record.read_text())
+    (state / "backup.json").write_text(record.read_text())
+    (state / "procmem-backup.txt").write_text(record.read_text())
+    (state / "procmem-0-broken.json").write_text("[]")
+    (state / "procmem-1-link.json").symlink_to(outside)
+    assert [r.record for r in sm.find_left_raised(sc.pid)] == [str(record)]
+    assert [d[2:] for d in sm.reset_left_raised(sc.pid)] == [(1, 0)]
+    assert sc.counters()["sema_ping"] == 0
