@@ -468,3 +468,40 @@ def test_only_our_record_files_are_read(fixtures_dir: Path, spawn: Any, tmp_path
     assert [r.record for r in sm.find_left_raised(sc.pid)] == [str(record)]
     assert [d[2:] for d in sm.reset_left_raised(sc.pid)] == [(1, 0)]
     assert sc.counters()["sema_ping"] == 0
+
+
+def test_state_dir_for_other_users(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not root: ``$XDG_RUNTIME_DIR/apptrace``, or nowhere; a directory that
+    others may enter but not write is fine."""
+    from apptrace.semaphores import state_dir
+
+    monkeypatch.delenv("APPTRACE_STATE_DIR", raising=False)
+    monkeypatch.setattr(os, "geteuid", lambda: os.getuid() + 1000)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    assert state_dir(create=True) is None
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(run))
+    assert state_dir(create=True) is None  # made, but owned by the real (root) uid
+    monkeypatch.setattr(os, "geteuid", lambda: os.getuid())
+    monkeypatch.setenv("APPTRACE_STATE_DIR", str(run / "apptrace"))
+    (run / "apptrace").chmod(0o701)
+    assert state_dir() == str(run / "apptrace")
+    (run / "apptrace").chmod(0o720)
+    assert state_dir() is None
+
+
+def test_read_semaphore_errors(spawn: Any, fixtures_dir: Path, tmp_path: Path) -> None:
+    from apptrace import semaphores as sm
+    from apptrace.errors import ProcessGoneError, SemaphoreError
+
+    sc = SemaChild(spawn, _private_copy(fixtures_dir / "usdt_sema_pie", tmp_path))
+    with pytest.raises(SemaphoreError) as info:
+        sm.read_semaphore(sc.pid, 0x10)
+    assert info.value.pid == sc.pid and info.value.errno == 5
+    assert str(info.value).startswith(f"cannot read 0x10 in process {sc.pid}: ")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    with pytest.raises(ProcessGoneError) as gone_info:
+        sm.read_semaphore(gone.pid, 0x10)
+    assert gone_info.value.pid == gone.pid
