@@ -505,3 +505,52 @@ def test_read_semaphore_errors(spawn: Any, fixtures_dir: Path, tmp_path: Path) -
     with pytest.raises(ProcessGoneError) as gone_info:
         sm.read_semaphore(gone.pid, 0x10)
     assert gone_info.value.pid == gone.pid
+
+
+def test_semaphore_address_checks_the_mapping(spawn: Any, fixtures_dir: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a writable mapping of that very file holds a semaphore; its first
+    and last byte are in, the byte after is not. In a container the device
+    may differ: then inode and file name must both match."""
+    import errno
+
+    from apptrace import semaphores as sm
+    from apptrace.errors import SemaphoreError
+    from apptrace.procs import read_maps
+
+    sc = SemaChild(spawn, _private_copy(fixtures_dir / "usdt_sema_pie", tmp_path))
+    st = os.stat(sc.binary)
+    mine = [m for m in read_maps(sc.pid) if m.inode == st.st_ino]
+    rw = next(m for m in mine if "w" in m.perms)
+    size = rw.end - rw.start
+    assert sm.semaphore_address(sc.pid, str(sc.binary), rw.offset) == rw.start
+    assert sm.semaphore_address(sc.pid, str(sc.binary), rw.offset + size - 1) == rw.end - 1
+    ro = next(m for m in mine if "w" not in m.perms and m.offset == 0)
+    for off in (ro.offset, rw.offset + size + 4096 * 64):
+        with pytest.raises(SemaphoreError, match="no writable mapping holds file offset") as info:
+            sm.semaphore_address(sc.pid, str(sc.binary), off)
+        assert info.value.pid == sc.pid and f"{off:#x}; refusing" in str(info.value)
+    with pytest.raises(SemaphoreError) as info:
+        sm.semaphore_address(sc.pid, "/bin/true", 0)
+    t = os.stat("/bin/true")
+    assert str(info.value).startswith(
+        f"process {sc.pid} does not map /bin/true (device {os.major(t.st_dev)}:"
+        f"{os.minor(t.st_dev)}, inode {t.st_ino})")
+    assert info.value.pid == sc.pid and "kernel mode covers that" in (info.value.hint or "")
+    with pytest.raises(SemaphoreError, match="cannot stat") as info:
+        sm.semaphore_address(sc.pid, str(tmp_path / "nope"), 0)
+    assert info.value.errno == errno.ENOENT and info.value.pid == sc.pid
+
+    # Another device number (an overlay or a bind mount): inode and name decide.
+    real = sm.read_maps
+
+    def other_dev(pid: int) -> list[Any]:
+        return [m.replace(dev=(m.dev[0] + 1, m.dev[1])) if m.inode == st.st_ino else m
+                for m in real(pid)]
+
+    monkeypatch.setattr(sm, "read_maps", other_dev)
+    assert sm.semaphore_address(sc.pid, str(sc.binary), rw.offset) == rw.start
+    twin = tmp_path / "twin"
+    os.link(sc.binary, twin)  # same inode, another name
+    with pytest.raises(SemaphoreError, match="does not map"):
+        sm.semaphore_address(sc.pid, str(twin), rw.offset)
