@@ -348,8 +348,10 @@ def test_state_dir_is_only_ever_ours(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("APPTRACE_STATE_DIR", str(f))
     assert state_dir() is None
     monkeypatch.delenv("APPTRACE_STATE_DIR")
-    default = state_dir()  # root's default; there only if a tracer made it
-    assert default in ("/run/apptrace", None)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))  # not for root
+    default = state_dir(create=True)  # root's default
+    assert not (tmp_path / "apptrace").exists()
+    assert default in ("/run/apptrace", None)  # None: /run/apptrace is not ours
     if default is not None:
         st = os.stat(default)
         assert st.st_uid == 0 and not st.st_mode & 0o022
