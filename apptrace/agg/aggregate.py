@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import struct
-import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
@@ -138,9 +137,6 @@ class Aggregator(KernelFamily):
     def _wants_stacks(self) -> bool:
         return "ustack" in self.keys and self.symbolize
 
-    def _after_attach(self) -> None:
-        self._last_read = time.monotonic()
-
     # -- reading --------------------------------------------------------------------------
 
     def read(self) -> AggregateResult:
@@ -162,9 +158,7 @@ class Aggregator(KernelFamily):
         return self.result
 
     def _result(self, rows: list[Row], drops: list[int], interval: int) -> AggregateResult:
-        now = time.monotonic()
-        secs = now - (self._last_read or now)
-        self._last_read = now
+        secs = self._since_last_read()
         return AggregateResult(
             self.keys, tuple(rows),
             self.stats + ((("hist", self.hist.expr),) if self.hist else ()),

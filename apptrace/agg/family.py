@@ -111,11 +111,14 @@ class KernelFamily:
         """The name prefix of the group's entry functions (``<prefix>_multi``)."""
         raise NotImplementedError
 
-    def _after_attach(self) -> None:
-        """Runs once everything is attached, before a held command runs."""
-
     def _wants_stacks(self) -> bool:
         return False
+
+    def _since_last_read(self) -> float:
+        """Seconds a result covers: since attaching, or since the previous read."""
+        now = time.monotonic()
+        secs, self._last_read = now - (self._last_read or now), now
+        return secs
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -157,7 +160,7 @@ class KernelFamily:
             self._attach_companions(upid, child)
             for g in self._groups:
                 self._attach_group(g, upid, child)
-            self._after_attach()
+            self._last_read = time.monotonic()  # the first result covers from here
             if self._wants_stacks() and pid is not None and child is None:
                 self._stacks().watch(pid, force=True)
             hold = child is not None and self._wants_stacks() and self._hold_at_entry(child)

@@ -28,7 +28,6 @@ log2 histogram from which percentiles are bucket-bounded.
 from __future__ import annotations
 
 import struct
-import time
 from typing import Any, Optional, Sequence, Union
 
 from apptrace.agg.bpfgen import (
@@ -270,9 +269,6 @@ static __always_inline struct lat_thread *lat_thread_of(u32 tid) {{
                            f" return {n}_body(ctx, {c}ULL); }}")
         return body + "\n\n" + "\n".join(entries)
 
-    def _after_attach(self) -> None:
-        self._last_read = time.monotonic()
-
     # -- reading --------------------------------------------------------------------------
 
     def read(self) -> LatencyResult:
@@ -344,9 +340,7 @@ static __always_inline struct lat_thread *lat_thread_of(u32 tid) {{
                 n += self._counter("agg_drop", DROP_SLOTS + why)
             return n
 
-        now = time.monotonic()
-        secs = now - (self._last_read or now)
-        self._last_read = now
+        secs = self._since_last_read()
         threads = self._map("lat_threads")
         in_flight = 0
         for tkey in list(threads.keys()):
