@@ -34,10 +34,9 @@ from apptrace.agg.bpfgen import (
     DROP_VALUE,
     AggPlan,
     KeyField,
-    decode_key,
     render_aggregate,
 )
-from apptrace.agg.family import KernelFamily, delete_key, percpu_values
+from apptrace.agg.family import KernelFamily, epoch_rows
 from apptrace.agg.results import AggregateResult, Row, linear_histogram, log2_histogram
 from apptrace.agg.spec import (
     KEY_STR_MAX,
@@ -174,16 +173,8 @@ class Aggregator(KernelFamily):
         vs = plan.val_struct
         merged: dict[tuple[Any, ...], tuple[int, list[Any], list[int]]] = {}
         order: list[tuple[Any, ...]] = []
-        for raw_key in list(m.keys()):
-            ep, kflags, kvals = decode_key(plan, raw_key)
-            if epoch is not None and ep != epoch:
-                continue
-            raw = m.lookup(raw_key)
-            if epoch is not None:
-                delete_key(m, raw_key)
-            if raw is None:
-                continue
-            value = _merge(plan, [vs.unpack(v) for v in percpu_values(m, raw)])
+        for kflags, kvals, cpus in epoch_rows(m, plan, epoch):
+            value = _merge(plan, [vs.unpack(v) for v in cpus])
             if value is None:
                 continue
             key = (kflags, *kvals)

@@ -20,6 +20,7 @@ import weakref
 from typing import Any, Iterator, Optional, Sequence
 
 from apptrace import capabilities
+from apptrace.agg.bpfgen import AggPlan, decode_key
 from apptrace.bpf import Program
 from apptrace.bpfobj import BpfMap, possible_cpus
 from apptrace.engine.attach import Resolver, quiet_offset
@@ -37,7 +38,7 @@ from apptrace.events import ProbeInfo
 from apptrace.semaphores import ProcMemSemaphores
 from apptrace.syscall import bpf
 
-__all__ = ["KernelFamily", "percpu_values", "delete_key"]
+__all__ = ["KernelFamily", "percpu_values", "delete_key", "epoch_rows"]
 
 BPF_MAP_DELETE_ELEM = 3
 _U32 = struct.Struct("<I")
@@ -58,6 +59,22 @@ def percpu_values(m: BpfMap, raw: bytes) -> Iterator[bytes]:
     step = (m.spec.value_size + 7) & ~7
     for off in range(0, len(raw), step):
         yield raw[off:off + m.spec.value_size]
+
+
+def epoch_rows(m: BpfMap, plan: AggPlan, epoch: Optional[int]
+               ) -> Iterator[tuple[int, list[Any], Iterator[bytes]]]:
+    """(key flags, key values, each CPU's value) of every row of ``m`` counted
+    in ``epoch`` (None: every row). An interval's rows are deleted as they
+    are read, so the half of the maps it used starts empty next time."""
+    for raw_key in list(m.keys()):
+        ep, kflags, kvals = decode_key(plan, raw_key)
+        if epoch is not None and ep != epoch:
+            continue
+        raw = m.lookup(raw_key)
+        if epoch is not None:
+            delete_key(m, raw_key)
+        if raw is not None:
+            yield kflags, kvals, percpu_values(m, raw)
 
 
 def delete_key(m: BpfMap, key: bytes) -> bool:

@@ -40,12 +40,11 @@ from apptrace.agg.bpfgen import (
     DROP_UNMATCHED,
     LOG2_C,
     AggPlan,
-    decode_key,
     gate_c,
     group_c,
     key_layout,
 )
-from apptrace.agg.family import KernelFamily, delete_key, percpu_values
+from apptrace.agg.family import KernelFamily, epoch_rows
 from apptrace.agg.results import LatencyResult, LatencyRow, log2_histogram
 from apptrace.agg.spec import KEY_STR_MAX, MAX_KEYS, check_expr, parse_keys
 from apptrace.codegen import TASK_HOOKS, header_c
@@ -294,20 +293,12 @@ static __always_inline struct lat_thread *lat_thread_of(u32 tid) {{
 
         m = self._map("agg_vals")
         rows: dict[tuple[Any, ...], LatencyRow] = {}
-        for raw_key in list(m.keys()):
-            ep, kflags, kvals = decode_key(plan, raw_key)
-            if epoch is not None and ep != epoch:
-                continue
-            raw = m.lookup(raw_key)
-            if epoch is not None:
-                delete_key(m, raw_key)
-            if raw is None:
-                continue
+        for kflags, kvals, cpus in epoch_rows(m, plan, epoch):
             count = total = 0
             lo: Optional[int] = None
             hi = 0
             hist = [0] * 65
-            for v in percpu_values(m, raw):
+            for v in cpus:
                 c, t, mn, mx, *h = _VAL.unpack(v)
                 if not c:
                     continue
