@@ -32,6 +32,7 @@ __all__ = [
     "tracefs_path",
     "bcc_status",
     "find_jdks",
+    "may_start",
 ]
 
 # The raw calls live in apptrace.syscall (below bpf.py and bpfobj.py, which
@@ -282,3 +283,18 @@ def run_checks(*, progress: Optional[Callable[[str], None]] = None) -> list[Chec
                         "install a JDK built with DTrace probes (Debian's openjdk-17)",
                         required=False))
     return checks
+
+
+def may_start(state: str, what: str) -> bool:
+    """The checks every single-use tracer's ``start()`` makes first: False if
+    it already started (nothing to do); an error if ``what`` (e.g. "this
+    capture") was closed or this process may not load BPF programs."""
+    from apptrace.errors import SessionStateError, TracePermissionError
+
+    if state == "closed":
+        raise SessionStateError(f"{what} is closed; it is single-use")
+    if state != "new":
+        return False
+    if not has_trace_privileges():
+        raise TracePermissionError("not allowed to load BPF programs or attach uprobes")
+    return True

@@ -29,7 +29,7 @@ from apptrace.engine.plan import Group
 from apptrace.engine.program import TraceProgram
 from apptrace.engine.stream import EventStream, Source
 from apptrace.engine.target import Stdout, Target
-from apptrace.errors import ApptraceError, OptionError, SessionStateError, TracePermissionError
+from apptrace.errors import ApptraceError, OptionError, SessionStateError
 from apptrace.events import Event, ProbeInfo, RawBatch, Stats
 from apptrace.options import BATCH_MS, RING_KB, STACK_DEPTH, STR_MAX, check_int, check_seconds
 from apptrace.probes import ProbeSpec, parse_probe
@@ -179,14 +179,10 @@ class Session:
 
     def start(self) -> None:
         """Resolve every probe, compile once, attach, then release a held command."""
-        if self._state != "new":
-            if self._state == "closed":
-                raise SessionStateError("this session is closed; sessions are single-use")
-            return
-        if not self._handles:
+        if not self._handles and self._state == "new":
             raise SessionStateError("no probes added")
-        if not capabilities.has_trace_privileges():
-            raise TracePermissionError("not allowed to load BPF programs or attach uprobes")
+        if not capabilities.may_start(self._state, "this session"):
+            return
         t0 = time.monotonic()
         self._state = "starting"
         _live.add(self)

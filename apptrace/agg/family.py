@@ -32,7 +32,6 @@ from apptrace.errors import (
     BpfError,
     OptionError,
     SessionStateError,
-    TracePermissionError,
 )
 from apptrace.events import ProbeInfo
 from apptrace.semaphores import ProcMemSemaphores
@@ -151,14 +150,10 @@ class KernelFamily:
 
     def start(self) -> None:
         """Resolve, compile once, attach every site, then let a held command run."""
-        if self._state != "new":
-            if self._state == "closed":
-                raise SessionStateError("this aggregation is closed; it is single-use")
-            return
-        if not self._groups:
+        if not self._groups and self._state == "new":
             raise SessionStateError("no probes added")
-        if not capabilities.has_trace_privileges():
-            raise TracePermissionError("not allowed to load BPF programs or attach uprobes")
+        if not capabilities.may_start(self._state, "this aggregation"):
+            return
         t0 = time.monotonic()
         self._state = "starting"
         _live.add(self)

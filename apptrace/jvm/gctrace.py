@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence, Union
 
 from apptrace import capabilities
-from apptrace.errors import ApptraceError, OptionError, TracePermissionError
+from apptrace.errors import ApptraceError, OptionError
 from apptrace.jvm import bpfgen
 from apptrace.jvm.hsperf import HsPerfData, find_hsperfdata
 from apptrace.jvm.summary import _YOUNG, Accumulator, GcSummary
@@ -387,12 +387,8 @@ class GcTracer:
 
     def start(self) -> None:
         """Find the JVMs, compile, attach; a spawned command runs from here on."""
-        if self._state != "new":
-            if self._state == "closed":
-                raise ApptraceError("this GC tracer is closed; tracers are single-use")
+        if not capabilities.may_start(self._state, "this GC tracer"):
             return
-        if not capabilities.has_trace_privileges():
-            raise TracePermissionError("not allowed to load BPF programs or attach uprobes")
         t0 = time.monotonic()
         self._state = "starting"
         self._epoll = select.epoll()

@@ -29,7 +29,6 @@ from apptrace.errors import (
     OptionError,
     SessionStateError,
     StrippedTlsError,
-    TracePermissionError,
 )
 from apptrace.ssl import libraries as _libs
 from apptrace.ssl._kernel import (
@@ -215,12 +214,8 @@ class Capture:
     def start(self) -> None:
         """Find the libraries, compile (or take from the cache), attach, then let a
         held command run."""
-        if self._state != "new":
-            if self._state == "closed":
-                raise SessionStateError("this capture is closed; captures are single-use")
+        if not capabilities.may_start(self._state, "this capture"):
             return
-        if not capabilities.has_trace_privileges():
-            raise TracePermissionError("not allowed to load BPF programs or attach uprobes")
         t0 = time.monotonic()
         self._state = "starting"
         try:
