@@ -20,6 +20,7 @@ semaphores -p PID --reset``) lowers exactly what dead tracers left raised.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -108,8 +109,34 @@ def read_semaphore(pid: int, address: int) -> int:
     return int(struct.unpack("<H", raw)[0])
 
 
+@contextlib.contextmanager
+def _target_lock(pid: int) -> Iterator[None]:
+    """Serialize read-modify-write of PID's counters among apptrace tracers.
+
+    /proc/PID/mem has no atomic add: two tracers raising the same semaphore
+    at once both read 0 and both write 1 (seen in CI), and the first to
+    finish would then switch the probe off under the other. An flock on a
+    per-target file in the state directory orders them; without a state
+    directory there is nothing to lock on."""
+    base = state_dir(create=True)
+    if base is None:
+        yield
+        return
+    fd = os.open(os.path.join(base, f"lock-{pid}"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _bump(pid: int, addr: int, delta: int) -> int:
     """Add ``delta`` to the counter (clamped to 0..65535); the new value."""
+    with _target_lock(pid):
+        return _bump_locked(pid, addr, delta)
+
+
+def _bump_locked(pid: int, addr: int, delta: int) -> int:
     fd = _mem(pid, os.O_RDWR)
     try:
         (cur,) = struct.unpack("<H", os.pread(fd, 2, addr))
