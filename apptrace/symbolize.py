@@ -296,6 +296,7 @@ class StackFrame(tuple):  # type: ignore[type-arg]
 # What one address symbolizes to: inlined frames (innermost first), then the
 # function. Tuples, because results are cached and handed out again.
 Frames = Sequence[StackFrame]
+_Call = Callable[[Any, int], Any]  # (uint64_t addresses, count) -> blaze_syms result
 
 
 class _Binding:
@@ -554,8 +555,8 @@ class Symbolizer:
         still report the original address.
         """
         adjust = 1 if return_addresses else 0
-        return self._cached(("p", pid, adjust, perf_map), addrs, lambda uniq, into: self._process(
-            pid, uniq, [adjust] * len(uniq) if adjust else None, perf_map, into))
+        return self._cached(("p", pid, adjust, perf_map), addrs,
+                            lambda: self._process_call(pid, perf_map), adjust)
 
     def symbolize_stack(self, pid: int, stack: Sequence[int], *,
                         perf_map: bool = True) -> list[StackFrame]:
@@ -577,51 +578,80 @@ class Symbolizer:
     def symbolize_elf(self, path: str, virt_offsets: Sequence[int]) -> list[Frames]:
         """Symbolize addresses in an ELF file's own address space (as ``nm``/``readelf`` show)."""
         return self._cached(("v", path), virt_offsets,
-                            lambda uniq, into: self._elf(path, uniq, into, file_offsets=False))
+                            lambda: self._elf_call(path, file_offsets=False))
 
     def symbolize_elf_file_offsets(self, path: str,
                                    file_offsets: Sequence[int]) -> list[Frames]:
         """Symbolize file offsets into an ELF (what address normalization produces)."""
         return self._cached(("f", path), file_offsets,
-                            lambda uniq, into: self._elf(path, uniq, into, file_offsets=True))
+                            lambda: self._elf_call(path, file_offsets=True))
 
     # -- internals
 
     CACHE_LIMIT = 1 << 20  # addresses remembered per symbolizer before starting over
 
     def _cached(self, key: tuple[Any, ...], addrs: Sequence[int],
-                run: Callable[[Sequence[int], dict[int, Frames]], object]
-                ) -> list[Frames]:
+                make_call: Callable[[], _Call], adjust: int = 0) -> list[Frames]:
         """Answer repeated addresses from memory; ask blazesym only for new ones.
 
         Tracing symbolizes the same hot addresses over and over; frames are
         immutable, so a result can be handed out again. A process's entries
         are dropped when its memory map changes (see :meth:`cache_process`).
+        ``make_call`` gives the blazesym call for this source; ``adjust`` is
+        subtracted from each address for the lookup only.
         """
+        b = self._b
         if self._auto_reload and key[0] != "p":
-            return _dedup(addrs, run)  # the caller wants files rebuilt in place noticed
-        with self._lock:
-            known = self._results.get(key)
-            if known is None:
-                if self._result_count > self.CACHE_LIMIT:
-                    self._results.clear()
-                    self._result_count = 0
-                known = self._results[key] = {}
-        try:
+            known: dict[int, Frames] = {}  # the caller wants files rebuilt in place noticed
+        else:
+            with self._lock:
+                found = self._results.get(key)
+                if found is None:
+                    if self._result_count > self.CACHE_LIMIT:
+                        self._results.clear()
+                        self._result_count = 0
+                    found = self._results[key] = {}
+            known = found
             # All known is the hot path of a tracer; a batch whose first
             # address is new is most likely new throughout (skip that pass).
-            if addrs and addrs[0] in known:
-                out = list(map(known.get, addrs))
-                if None not in out:
-                    return out  # type: ignore[return-value]
-            # Sorted: blazesym looks up ascending addresses about 30% faster.
+            try:
+                if addrs and addrs[0] in known:
+                    out = list(map(known.get, addrs))
+                    if None not in out:
+                        return out  # type: ignore[return-value]
+            except TypeError as exc:
+                raise _bad_addresses(exc) from exc
+        if b.frames is None:
+            return self._cached_py(known, addrs, make_call, adjust)
+        # In C, one pass: the cached groups in place, the distinct new
+        # addresses sorted (blazesym looks ascending addresses up about 30%
+        # faster) with the caller's int objects as their keys.
+        try:
+            out, values, keys, order = b.frames.plan(addrs, known, adjust)
+        except (TypeError, OverflowError) as exc:
+            raise _bad_addresses(exc) from exc
+        if keys:
+            with _gc_paused():
+                groups = self._run_packed(make_call(), values, len(keys), adjust)
+                with self._lock:
+                    known.update(zip(keys, groups))
+                    self._result_count += len(keys)
+                b.frames.fill(out, order, groups)
+        return out
+
+    def _cached_py(self, known: dict[int, Frames], addrs: Sequence[int],
+                   make_call: Callable[[], _Call], adjust: int) -> list[Frames]:
+        """:meth:`_cached` without the compiled helpers (same frames, slower)."""
+        try:
             missing = sorted(set(addrs).difference(known))
         except TypeError as exc:
-            raise SymbolizerError(f"addresses must be integers in [0, 2**64): {exc}") from exc
+            raise _bad_addresses(exc) from exc
         with _gc_paused():
-            run(missing, known)
-            with self._lock:
-                self._result_count += len(missing)
+            if missing:
+                self._run(make_call(), missing, [adjust] * len(missing) if adjust else None,
+                          known)
+                with self._lock:
+                    self._result_count += len(missing)
             return list(map(known.__getitem__, addrs))
 
     def _forget_process(self, pid: int) -> None:
@@ -648,9 +678,13 @@ class Symbolizer:
         return self._error(self._b.lib.blaze_err_last(), what)
 
     def _process(self, pid: int, addrs: Sequence[int], adjust: Optional[Sequence[int]],
-                 perf_map: bool, into: Optional[dict[int, Frames]] = None) -> list[Frames]:
+                 perf_map: bool) -> list[Frames]:
         if not addrs:
             return []
+        return self._run(self._process_call(pid, perf_map), addrs, adjust)
+
+    def _process_call(self, pid: int, perf_map: bool) -> _Call:
+        """The blazesym call that looks up absolute addresses of process ``pid``."""
         b = self._b
         src = b.ffi.new("struct blaze_symbolize_src_process *")
         src.type_size = b.src_process_size
@@ -676,7 +710,7 @@ class Symbolizer:
                         raise self._error(err, what, pid)
             return res
 
-        return self._run(call, addrs, adjust, into)
+        return call
 
     def _map_files_unusable(self, pid: int) -> bool:
         """True when blazesym must use the paths in maps instead of /proc/PID/map_files.
@@ -694,10 +728,8 @@ class Symbolizer:
                 return True
         return not _can_read_map_files()
 
-    def _elf(self, path: str, offsets: Sequence[int], into: Optional[dict[int, Frames]] = None,
-             *, file_offsets: bool) -> list[Frames]:
-        if not offsets:
-            return []
+    def _elf_call(self, path: str, *, file_offsets: bool) -> _Call:
+        """The blazesym call that looks up virtual or file offsets in ELF ``path``."""
         b = self._b
         src = b.ffi.new("struct blaze_symbolize_src_elf *")
         cpath = b.ffi.new("char[]", os.fsencode(path))
@@ -707,57 +739,73 @@ class Symbolizer:
         fn = (b.lib.blaze_symbolize_elf_file_offsets if file_offsets
               else b.lib.blaze_symbolize_elf_virt_offsets)
 
+        keep = (src, cpath)  # src.path points into cpath: both live as long as call
+
         def call(arr: Any, n: int) -> Any:
             with self._lock:
-                res = fn(self._live(), src, arr, n)
+                res = fn(self._live(), keep[0], arr, n)
                 if res == b.null:
                     raise self._last_error(f"symbolizing {n} addresses in {path}")
             return res
 
-        return self._run(call, offsets, None, into)
+        return call
 
     CHUNK = 2048  # addresses per blazesym call when a batch is pipelined
 
-    def _run(self, call: Callable[[Any, int], Any], addrs: Sequence[int],
-             adjust: Optional[Sequence[int]],
+    def _run(self, call: _Call, addrs: Sequence[int], adjust: Optional[Sequence[int]],
              into: Optional[dict[int, Frames]] = None) -> list[Frames]:
+        """Frames for ``addrs`` (each looked up at ``addr - adjust[i]``), in
+        order; with ``into``, put in that dict instead (see :func:`_convert`)."""
+        if adjust is not None:
+            lookup: Sequence[int] = [a - d for a, d in zip(addrs, adjust)]
+        else:
+            lookup = addrs
+        arr = _addr_array(self._b, lookup)
+        adj = bytes(adjust) if adjust is not None else None
+        return self._pipelined(call, arr, len(lookup), adj, addrs, into)
+
+    def _run_packed(self, call: _Call, values: bytearray, n: int,
+                    adjust: int) -> list[Frames]:
+        """Frames for ``n`` lookup addresses packed as uint64 (already minus
+        ``adjust``; frames report them plus it), in order."""
+        arr = self._b.ffi.from_buffer("uint64_t[]", values)
+        return self._pipelined(call, arr, n, bytes([adjust]) * n if adjust else None,
+                               range(n), None)
+
+    def _pipelined(self, call: _Call, arr: Any, n: int, adj: Optional[bytes],
+                   keys: Sequence[int], into: Optional[dict[int, Frames]]) -> list[Frames]:
         """blazesym calls in chunks on a worker thread, each chunk's frames
         built here while the next chunk is looked up.
 
         A blazesym call does not hold the GIL, so on a second core the lookup
         of one chunk and the Python work of the previous one overlap; calls
         stay one at a time (the lock). Small batches are done in one call.
-        With ``into``, frames go in that dict (see :func:`_convert`).
+        ``arr`` holds the ``n`` lookup addresses; frames report each plus its
+        byte of ``adj``; ``keys`` are what ``into`` files groups under.
         """
         b = self._b
-        if adjust is not None:
-            lookup: Sequence[int] = [a - d for a, d in zip(addrs, adjust)]
-        else:
-            lookup = addrs
         step = self.CHUNK
-        if len(lookup) < 2 * step:
-            arr = _addr_array(b, lookup)
-            return _convert(b, call(arr, len(lookup)), arr, addrs, adjust, into)
+        if n < 2 * step:
+            return _convert(b, call(arr, n), arr, keys, adj, into)
 
-        def native(k: int) -> tuple[Any, Any]:
-            arr = _addr_array(b, lookup[k:k + step])
-            return call(arr, len(arr)), arr
+        def native(k: int) -> Any:
+            return call(arr + k, min(step, n - k))
 
         out: list[Frames] = []
-        starts = range(0, len(lookup), step)
+        starts = range(0, n, step)
         pending = self._worker().submit(native, 0)
         try:
             for i, k in enumerate(starts):
-                res, arr = pending.result()
+                res = pending.result()
                 pending = None
                 if i + 1 < len(starts):
                     pending = self._worker().submit(native, starts[i + 1])
-                out.extend(_convert(b, res, arr, addrs[k:k + step],
-                                    adjust[k:k + step] if adjust is not None else None, into))
+                out.extend(_convert(b, res, arr + k, keys[k:k + step],
+                                    adj[k:k + step] if adj is not None else None, into))
         finally:
             if pending is not None:  # an error: free what the worker still returns
                 try:
-                    b.lib.blaze_syms_free(pending.result()[0])
+                    b.lib.blaze_syms_free(pending.result())
                 except SymbolizerError:
                     pass
         return out
@@ -770,19 +818,8 @@ class Symbolizer:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="apptrace-blazesym")
         return self._pool
 
-def _dedup(addrs: Sequence[int],
-           run: Callable[[Sequence[int], dict[int, Frames]], object]) -> list[Frames]:
-    """Look each distinct address up once; sampled stacks repeat hot addresses a lot.
-
-    Frames are immutable, so repeats share them.
-    """
-    try:
-        unique = sorted(set(addrs))  # ascending: faster in blazesym
-    except TypeError as exc:
-        raise SymbolizerError(f"addresses must be integers in [0, 2**64): {exc}") from exc
-    by_addr: dict[int, Frames] = {}
-    run(unique, by_addr)
-    return list(map(by_addr.__getitem__, addrs))
+def _bad_addresses(exc: Exception) -> SymbolizerError:
+    return SymbolizerError(f"addresses must be integers in [0, 2**64): {exc}")
 
 
 def _addr_array(b: _Binding, addrs: Sequence[int]) -> Any:
@@ -790,7 +827,7 @@ def _addr_array(b: _Binding, addrs: Sequence[int]) -> Any:
     try:
         packed = array.array("Q", addrs)
     except (OverflowError, TypeError) as exc:
-        raise SymbolizerError(f"addresses must be integers in [0, 2**64): {exc}") from exc
+        raise _bad_addresses(exc) from exc
     return b.ffi.from_buffer("uint64_t[]", packed)  # keeps `packed` alive
 
 

@@ -525,3 +525,66 @@ def test_cdef_layout_matches_header(tmp_path: Path) -> None:
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_batch_planner_splits_cached_from_new() -> None:
+    """The C planner behind the result cache: cached groups stay in place,
+    new addresses come out distinct and ascending (minus the adjustment),
+    keyed by the caller's own int objects, and fill() puts groups back."""
+    import struct
+
+    from apptrace import symbolize
+
+    b = symbolize._binding()
+    if b.frames is None:
+        missing("apptrace._frames is not built (make blazepack)")
+    big = 1 << 40
+    a, c = big + 0x30, big + 0x10
+    known = {big + 0x20: ("cached",)}
+    addrs = [a, big + 0x20, c, a, c, c]
+    out, values, keys, order = b.frames.plan(addrs, known, 1)
+    assert out == [None, ("cached",), None, None, None, None]
+    assert list(struct.unpack(f"{len(values) // 8}Q", values)) == [c - 1, a - 1]
+    assert keys == [c, a] and keys[0] is c and keys[1] is a  # first occurrences
+    assert list(struct.unpack("6I", order)) == [1, 0xFFFFFFFF, 0, 1, 0, 0]
+    b.frames.fill(out, order, [("low",), ("high",)])
+    assert out == [("high",), ("cached",), ("low",), ("high",), ("low",), ("low",)]
+    # Nothing new: nothing to look up.
+    assert b.frames.plan([big + 0x20], known, 0)[2] == []
+    # Sorted on every byte, not just the low ones (radix passes).
+    import random
+
+    rnd = random.Random(7)
+    many = [rnd.getrandbits(64) for _ in range(5000)] + [0, 1 << 63, (1 << 64) - 1]
+    _, values, keys, _ = b.frames.plan(many, {}, 0)
+    assert list(struct.unpack(f"{len(values) // 8}Q", values)) == sorted(set(many))
+    assert keys == sorted(set(many))
+
+    for bad, err in (([-1], OverflowError), ([1 << 64], OverflowError), (["0x10"], TypeError),
+                     ([1.5], TypeError)):
+        with pytest.raises(err):
+            b.frames.plan(bad, {}, 0)
+    with pytest.raises(OverflowError, match="no byte before"):
+        b.frames.plan([0], {}, 1)  # a return address of 0 has no call before it
+    with pytest.raises(TypeError):
+        b.frames.plan(5, {}, 0)
+    out, values, keys, order = b.frames.plan([a], {}, 0)
+    with pytest.raises(ValueError, match="not there"):
+        b.frames.fill(out, order, [])
+    with pytest.raises(ValueError, match="does not match"):
+        b.frames.fill(out, order + order, [("x",)])
+
+
+def test_batch_of_cached_and_new_addresses(symz: Symbolizer, c_prog: Path) -> None:
+    """One batch mixing addresses the cache has, new ones and repeats gives
+    the same groups as asking for each address alone."""
+    syms = symbols(c_prog)
+    a, b, c = syms["bz_middle"][0], syms["bz_outer"][0], syms["main"][0]
+    symz.symbolize_elf(str(c_prog), [b])  # b is cached now
+    batch = [c, b, a, c, b, a, a]
+    groups = symz.symbolize_elf(str(c_prog), batch)
+    with Symbolizer() as fresh:
+        alone = [fresh.symbolize_elf(str(c_prog), [x])[0] for x in batch]
+    assert groups == alone
+    assert [g[-1].symbol for g in groups] == ["main", "bz_outer", "bz_middle", "main",
+                                             "bz_outer", "bz_middle", "bz_middle"]
