@@ -10,6 +10,17 @@ direction's stream at the right offset, and the sha256 of each direction
 must equal what the client printed; lost bytes (ring buffer full) are
 counted and reported, never hidden.
 
+Next to them, runs with bare uprobes: bpftrace with empty uprobe and
+uretprobe programs on the same OpenSSL functions, copying nothing. That is
+the floor for any tool that hooks SSL_read/SSL_write on this machine (the
+trap into the kernel on every call), so the table shows how much of the
+cost is apptrace and how much is the uprobe mechanism itself.
+
+Client and server are pinned to different CPUs (when there are two): left
+to the scheduler, untraced runs of the same transfer range over 5x here.
+Costs compare medians of interleaved runs; the best runs are shown too
+("the highest rate this machine reaches").
+
 Goal (issue 11): at most 10 % throughput cost and zero loss at the highest
 rate this machine reaches.
 
@@ -23,6 +34,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -47,18 +59,61 @@ def _totals(text: str) -> dict[str, tuple[int, str]]:
     return out
 
 
+def _pin(pid: int, cpu: int) -> None:
+    """Client on one CPU, server on another: fewer scheduler-made outliers."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) >= 2:
+        os.sched_setaffinity(pid, {cpus[cpu]})
+
+
 def _server() -> tuple[subprocess.Popen[str], int]:
     p = subprocess.Popen([str(OUT / "tls_openssl"), "server", "0", str(OUT / "tls_cert.pem"),
                           str(OUT / "tls_key.pem")], stdout=subprocess.PIPE, text=True)
     assert p.stdout is not None
-    return p, int(p.stdout.readline().split()[1])
+    port = int(p.stdout.readline().split()[1])
+    _pin(p.pid, 1)
+    return p, port
 
 
 def _client(port: int, sizes: str) -> subprocess.Popen[str]:
     p = subprocess.Popen([str(OUT / "tls_openssl"), "client", str(port), sizes, "wait=connect"],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    _pin(p.pid, 0)
     return p
+
+
+def _libssl(pid: int) -> Optional[str]:
+    """The libssl the client mapped (the file bpftrace should probe)."""
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            path = line.split()[-1]
+            if "/libssl.so" in path:
+                return path
+    return None
+
+
+# Empty programs on every function apptrace hooks for this client's reads
+# and writes: the uprobe mechanism's own cost, nothing captured.
+_FLOOR_FUNCS = ("SSL_read", "SSL_write", "SSL_read_ex", "SSL_write_ex")
+
+
+def _bare_uprobes(pid: int) -> Optional[subprocess.Popen[str]]:
+    """bpftrace with empty uprobes+uretprobes on ``pid``'s libssl, attached."""
+    bpftrace, lib = shutil.which("bpftrace"), _libssl(pid)
+    if bpftrace is None or lib is None:
+        return None
+    probes = ",".join(f"{kind}:{lib}:{fn}" for kind in ("uprobe", "uretprobe")
+                      for fn in _FLOOR_FUNCS)
+    p = subprocess.Popen([bpftrace, "-p", str(pid), "-e", probes + " { }"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert p.stdout is not None
+    for line in p.stdout:  # bpftrace says "Attaching N probes..." when they are in
+        if line.startswith("Attaching"):
+            time.sleep(0.2)
+            return p
+    p.wait()
+    raise RuntimeError("bpftrace could not attach the bare uprobes")
 
 
 def _go(p: subprocess.Popen[str]) -> float:
@@ -95,14 +150,21 @@ def _self_cpu() -> float:
     return u.ru_utime + u.ru_stime
 
 
-def one_run(sizes: str, traced: bool, ring_mb: int = 32) -> dict[str, Any]:
-    """One transfer; with ``traced``, captured and verified as it goes."""
+def one_run(sizes: str, traced: bool, ring_mb: int = 32,
+            floor: bool = False) -> Optional[dict[str, Any]]:
+    """One transfer; with ``traced``, captured and verified as it goes; with
+    ``floor``, under bare uprobes (None when bpftrace is not there)."""
     srv, port = _server()
     cli = _client(port, sizes)
-    result: dict[str, Any] = {"traced": traced}
+    result: dict[str, Any] = {"traced": traced, "floor": floor}
+    bare = None
     try:
         self_cpu0 = _self_cpu()
         capture_cpu = 0.0
+        if floor:
+            bare = _bare_uprobes(cli.pid)
+            if bare is None:
+                return None
         if not traced:
             t0 = _go(cli)
             out, cpu = _reap(cli)
@@ -152,6 +214,9 @@ def one_run(sizes: str, traced: bool, ring_mb: int = 32) -> dict[str, Any]:
                       client_cpu_s=cpu, capture_cpu_s=capture_cpu if traced else 0.0)
         srv.communicate(timeout=60)
     finally:
+        if bare is not None:
+            bare.terminate()
+            bare.communicate()
         for p in (cli, srv):
             if p.poll() is None:
                 p.kill()
@@ -165,26 +230,36 @@ def run(quick: bool = False) -> dict[str, Any]:
     # Bulk transfer in 1 MiB TLS calls (the ring must hold the largest single
     # call; a bigger one needs a bigger --ring-mb).
     sizes = ",".join(["1m"] * (32 if quick else 64))
-    reps = 1 if quick else 5  # interleaved: the machine's other load hits both alike
+    reps = 1 if quick else 9  # interleaved: the machine's other load hits all alike
     one_run("1m", True)  # compile cache warm; not measured
     runs: list[dict[str, Any]] = []
     for _ in range(reps):
-        runs.append(one_run(sizes, False))
-        runs.append(one_run(sizes, True))
-    plain = [r["mb_per_s"] for r in runs if not r["traced"]]
+        for capture, bare_probes in ((False, False), (False, True), (True, False)):
+            r = one_run(sizes, capture, floor=bare_probes)
+            if r is not None:
+                runs.append(r)
+    plain = [r for r in runs if not r["traced"] and not r["floor"]]
+    bare = [r for r in runs if r["floor"]]
     traced = [r for r in runs if r["traced"]]
-    untraced = statistics.median(plain)
-    captured = statistics.median(r["mb_per_s"] for r in traced)
+
+    def rate(rs: list[dict[str, Any]], pick: Any) -> float:
+        return pick(r["mb_per_s"] for r in rs)
+
+    untraced = rate(plain, statistics.median)
+    captured = rate(traced, statistics.median)
     cost = (1 - captured / untraced) * 100
-    cpu_plain = statistics.median(r["client_cpu_s"] for r in runs if not r["traced"])
+    cpu_plain = statistics.median(r["client_cpu_s"] for r in plain)
     cpu_traced = statistics.median(r["client_cpu_s"] for r in traced)
     reader = statistics.median(r["capture_cpu_s"] for r in traced)
     lost = sum(r["lost_bytes"] for r in traced)
     exact = all(r["exact"] for r in traced)
-    return {
+    res = {
         "transfer": sizes, "runs": runs, "load_average": os.getloadavg(),
         "untraced_mb_per_s": round(untraced, 1), "captured_mb_per_s": round(captured, 1),
+        "untraced_best_mb_per_s": round(rate(plain, max), 1),
+        "captured_best_mb_per_s": round(rate(traced, max), 1),
         "cost_pct": round(cost, 1), "lost_bytes": lost,
+        "best_cost_pct": round((1 - rate(traced, max) / rate(plain, max)) * 100, 1),
         "client_cpu_untraced_s": round(cpu_plain, 3), "client_cpu_captured_s": round(cpu_traced, 3),
         "client_cpu_cost_pct": round((cpu_traced / cpu_plain - 1) * 100, 1),
         "capture_process_cpu_s": round(reader, 3),
@@ -193,6 +268,14 @@ def run(quick: bool = False) -> dict[str, Any]:
         "goal": f"cost <= {GOAL_COST_PCT:.0f}% and zero loss",
         "goal_met": cost <= GOAL_COST_PCT and lost == 0 and exact,
     }
+    if bare:
+        bare_rate = rate(bare, statistics.median)
+        res.update(bare_uprobes_mb_per_s=round(bare_rate, 1),
+                   bare_uprobes_best_mb_per_s=round(rate(bare, max), 1),
+                   bare_uprobes_cost_pct=round((1 - bare_rate / untraced) * 100, 1),
+                   bare_uprobes_client_cpu_s=round(
+                       statistics.median(r["client_cpu_s"] for r in bare), 3))
+    return res
 
 
 def format_table(res: dict[str, Any]) -> str:
@@ -201,6 +284,9 @@ def format_table(res: dict[str, Any]) -> str:
              f"  untraced            {res['untraced_mb_per_s']:8.1f} MB/s",
              f"  captured, verified  {res['captured_mb_per_s']:8.1f} MB/s"
              f"   cost {res['cost_pct']:.1f}%",
+             f"  best runs: untraced {res['untraced_best_mb_per_s']:.1f} MB/s (the highest rate"
+             f" seen), captured {res['captured_best_mb_per_s']:.1f} MB/s"
+             f" (cost {res['best_cost_pct']:.1f}%)",
              f"  traced program's CPU: {res['client_cpu_untraced_s']:.3f}s untraced,"
              f" {res['client_cpu_captured_s']:.3f}s captured"
              f" (+{res['client_cpu_cost_pct']:.1f}%); the capturing process used"
@@ -210,8 +296,16 @@ def format_table(res: dict[str, Any]) -> str:
              f"  goal ({res['goal']}): {'met' if res['goal_met'] else 'NOT met'}",
              "  load average during the run: "
              + " ".join(f"{x:.2f}" for x in res["load_average"])]
+    if "bare_uprobes_mb_per_s" in res:
+        lines.insert(3, f"  bare uprobes        {res['bare_uprobes_mb_per_s']:8.1f} MB/s   cost"
+                        f" {res['bare_uprobes_cost_pct']:.1f}% (bpftrace, empty programs on"
+                        f" {'/'.join(_FLOOR_FUNCS)}: the floor for any uprobe-based capture;"
+                        f" best {res['bare_uprobes_best_mb_per_s']:.1f} MB/s, client CPU"
+                        f" {res['bare_uprobes_client_cpu_s']:.3f}s)")
+    else:
+        lines.insert(3, "  bare uprobes: not measured (bpftrace is not installed)")
     for r in res["runs"]:
-        kind = "captured" if r["traced"] else "untraced"
+        kind = "captured" if r["traced"] else "bare" if r["floor"] else "untraced"
         lines.append(f"    {kind:9} {r['mb_per_s']:8.1f} MB/s  {r['seconds']:.2f}s"
                      f"  client CPU {r['client_cpu_s']:.3f}s")
     return "\n".join(lines)
