@@ -109,3 +109,15 @@ def spawn() -> Iterator[object]:
     yield make
     for c in children:
         c.kill()
+
+
+
+@pytest.fixture(autouse=True)
+def _no_memo_across_mutants() -> None:
+    """Under mutation testing (mutmut sets MUTANT_UNDER_TEST once it has
+    chosen a mutant), a result memoized before, at collection in mutmut's
+    fork server, would hide the mutant."""
+    if "MUTANT_UNDER_TEST" in os.environ:
+        from apptrace.usdt.args import parse_argument
+
+        parse_argument.cache_clear()
