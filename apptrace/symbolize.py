@@ -601,7 +601,8 @@ class Symbolizer:
         subtracted from each address for the lookup only.
         """
         b = self._b
-        if self._auto_reload and key[0] != "p":
+        kept = not (self._auto_reload and key[0] != "p")
+        if not kept:
             known: dict[int, Frames] = {}  # the caller wants files rebuilt in place noticed
         else:
             with self._lock:
@@ -622,7 +623,7 @@ class Symbolizer:
             except TypeError as exc:
                 raise _bad_addresses(exc) from exc
         if b.frames is None:
-            return self._cached_py(known, addrs, make_call, adjust)
+            return self._cached_py(known, addrs, make_call, adjust, kept)
         # In C, one pass: the cached groups in place, the distinct new
         # addresses sorted (blazesym looks ascending addresses up about 30%
         # faster) with the caller's int objects as their keys.
@@ -633,14 +634,15 @@ class Symbolizer:
         if keys:
             with _gc_paused():
                 groups = self._run_packed(make_call(), values, len(keys), adjust)
-                with self._lock:
-                    known.update(zip(keys, groups))
-                    self._result_count += len(keys)
+                if kept:
+                    with self._lock:
+                        known.update(zip(keys, groups))
+                        self._result_count += len(keys)
                 b.frames.fill(out, order, groups)
         return out
 
     def _cached_py(self, known: dict[int, Frames], addrs: Sequence[int],
-                   make_call: Callable[[], _Call], adjust: int) -> list[Frames]:
+                   make_call: Callable[[], _Call], adjust: int, kept: bool) -> list[Frames]:
         """:meth:`_cached` without the compiled helpers (same frames, slower)."""
         try:
             missing = sorted(set(addrs).difference(known))
@@ -650,8 +652,9 @@ class Symbolizer:
             if missing:
                 self._run(make_call(), missing, [adjust] * len(missing) if adjust else None,
                           known)
-                with self._lock:
-                    self._result_count += len(missing)
+                if kept:
+                    with self._lock:
+                        self._result_count += len(missing)
             return list(map(known.__getitem__, addrs))
 
     def _forget_process(self, pid: int) -> None:
