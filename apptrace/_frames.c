@@ -201,29 +201,37 @@ static int sort_todo(struct at_todo *a, Py_ssize_t n)
     return 0;
 }
 
-/* plan(addrs, known, adjust) -> (out, values, keys, order)
+/* plan(addrs, known, adjust) -> (out, values, adj, keys, order)
  *
  * One pass over a batch of addresses for apptrace.symbolize's result cache:
  * out[i] is known[addrs[i]] where the cache has it and None elsewhere;
  * values (uint64 in native order) are the distinct other addresses,
- * ascending (blazesym is faster so), each minus `adjust` (0, or 1 to look a
- * return address up one byte early); keys[u] is the caller's own int object
- * for values[u] (a dict finds it again by identity); order (uint32 per
- * address) is the position in values of each address not in the cache, or
- * 0xffffffff. fill() puts the groups found for values into out. */
+ * ascending (blazesym is faster so), each minus adj[u]: `adjust` (1 looks a
+ * return address up one byte early), or 0 for an address below it (0 is no
+ * return address: junk in a stack walked without frame pointers; it is
+ * looked up as is and comes back unknown). adj is None when adjust is 0.
+ * keys[u] is the caller's own int object for values[u] (a dict finds it
+ * again by identity); order (uint32 per address) is the position in values
+ * of each address not in the cache, or 0xffffffff. fill() puts the groups
+ * found for values into out. */
 static PyObject *plan(PyObject *self, PyObject *args)
 {
     PyObject *seq_in, *known, *seq = NULL, *out = NULL, *values = NULL, *keys = NULL;
-    PyObject *order = NULL, *result = NULL, **items;
+    PyObject *order = NULL, *adj = NULL, *result = NULL, **items;
     struct at_todo *todo = NULL;
     Py_ssize_t n, m = 0, u = 0, i;
     unsigned long long adjust;
     uint64_t *vals;
     uint32_t *pos;
+    uint8_t *adj_of = NULL;
 
     (void)self;
     if (!PyArg_ParseTuple(args, "OO!K", &seq_in, &PyDict_Type, &known, &adjust))
         return NULL;
+    if (adjust > 255) {
+        PyErr_SetString(PyExc_ValueError, "adjust must be from 0 to 255");
+        return NULL;
+    }
     if ((seq = PySequence_Fast(seq_in, "addresses must be a sequence of integers")) == NULL)
         return NULL;
     n = PySequence_Fast_GET_SIZE(seq);
@@ -257,10 +265,6 @@ static PyObject *plan(PyObject *self, PyObject *args)
         v = PyLong_AsUnsignedLongLong(item);
         if (v == (unsigned long long)-1 && PyErr_Occurred())
             goto done;
-        if (v < adjust) {
-            PyErr_Format(PyExc_OverflowError, "address %llu has no byte before it", v);
-            goto done;
-        }
         Py_INCREF(Py_None);
         PyList_SET_ITEM(out, i, Py_None);
         todo[m].value = v;
@@ -273,8 +277,16 @@ static PyObject *plan(PyObject *self, PyObject *args)
     values = PyByteArray_FromStringAndSize(NULL, u * (Py_ssize_t)sizeof(uint64_t));
     order = PyByteArray_FromStringAndSize(NULL, n * (Py_ssize_t)sizeof(uint32_t));
     keys = PyList_New(u);
-    if (values == NULL || order == NULL || keys == NULL)
+    if (adjust != 0)
+        adj = PyByteArray_FromStringAndSize(NULL, u);
+    else {
+        Py_INCREF(Py_None);
+        adj = Py_None;
+    }
+    if (values == NULL || order == NULL || keys == NULL || adj == NULL)
         goto done;
+    if (adjust != 0)
+        adj_of = (uint8_t *)PyByteArray_AS_STRING(adj);
     vals = (uint64_t *)PyByteArray_AS_STRING(values);
     pos = (uint32_t *)PyByteArray_AS_STRING(order);
     if (n)
@@ -284,19 +296,24 @@ static PyObject *plan(PyObject *self, PyObject *args)
         if (i == 0 || todo[i].value != todo[i - 1].value) {
             PyObject *key = items[todo[i].index];
 
-            vals[++u] = todo[i].value - adjust;
+            uint64_t d = todo[i].value >= adjust ? adjust : 0;
+
+            vals[++u] = todo[i].value - d;
+            if (adj_of != NULL)
+                adj_of[u] = (uint8_t)d;
             Py_INCREF(key);
             PyList_SET_ITEM(keys, u, key);
         }
         pos[todo[i].index] = (uint32_t)u;
     }
-    result = PyTuple_Pack(4, out, values, keys, order);
+    result = PyTuple_Pack(5, out, values, adj, keys, order);
 done:
     PyMem_Free(todo);
     Py_XDECREF(out);
     Py_XDECREF(values);
     Py_XDECREF(keys);
     Py_XDECREF(order);
+    Py_XDECREF(adj);
     Py_DECREF(seq);
     return result;
 }

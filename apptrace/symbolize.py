@@ -628,12 +628,12 @@ class Symbolizer:
         # addresses sorted (blazesym looks ascending addresses up about 30%
         # faster) with the caller's int objects as their keys.
         try:
-            out, values, keys, order = b.frames.plan(addrs, known, adjust)
+            out, values, adj, keys, order = b.frames.plan(addrs, known, adjust)
         except (TypeError, OverflowError) as exc:
             raise _bad_addresses(exc) from exc
         if keys:
             with _gc_paused():
-                groups = self._run_packed(make_call(), values, len(keys), adjust)
+                groups = self._run_packed(make_call(), values, adj, len(keys))
                 if kept:
                     with self._lock:
                         known.update(zip(keys, groups))
@@ -759,20 +759,24 @@ class Symbolizer:
              into: Optional[dict[int, Frames]] = None) -> list[Frames]:
         """Frames for ``addrs`` (each looked up at ``addr - adjust[i]``), in
         order; with ``into``, put in that dict instead (see :func:`_convert`)."""
+        adj = None
         if adjust is not None:
-            lookup: Sequence[int] = [a - d for a, d in zip(addrs, adjust)]
+            try:  # 0 is no return address (see plan() in _frames.c): looked up as is
+                adj = bytes(d if a >= d else 0 for a, d in zip(addrs, adjust))
+            except TypeError as exc:
+                raise _bad_addresses(exc) from exc
+            lookup: Sequence[int] = [a - d for a, d in zip(addrs, adj)]
         else:
             lookup = addrs
         arr = _addr_array(self._b, lookup)
-        adj = bytes(adjust) if adjust is not None else None
         return self._pipelined(call, arr, len(lookup), adj, addrs, into)
 
-    def _run_packed(self, call: _Call, values: bytearray, n: int,
-                    adjust: int) -> list[Frames]:
-        """Frames for ``n`` lookup addresses packed as uint64 (already minus
-        ``adjust``; frames report them plus it), in order."""
+    def _run_packed(self, call: _Call, values: bytearray, adj: Optional[bytearray],
+                    n: int) -> list[Frames]:
+        """Frames for ``n`` lookup addresses packed as uint64 (each already
+        minus its byte of ``adj``; frames report it added back), in order."""
         arr = self._b.ffi.from_buffer("uint64_t[]", values)
-        return self._pipelined(call, arr, n, bytes([adjust]) * n if adjust else None,
+        return self._pipelined(call, arr, n, bytes(adj) if adj is not None else None,
                                range(n), None)
 
     def _pipelined(self, call: _Call, arr: Any, n: int, adj: Optional[bytes],

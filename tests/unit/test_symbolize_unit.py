@@ -426,7 +426,7 @@ def test_compiled_reader_and_abi_mode_give_the_same_frames(
                 got[reader, chunk].append(
                     s.symbolize_stack(os.getpid(), [id(symbolize), id(b), 0, 1]))
                 got[reader, chunk].append(s.symbolize_process(
-                    os.getpid(), [id(symbolize), id(b), 1, 2] * 9, return_addresses=True))
+                    os.getpid(), [id(symbolize), id(b), 0, 1, 2] * 9, return_addresses=True))
             monkeypatch.undo()
     first = got["c", Symbolizer.CHUNK]
     assert all(v == first for v in got.values())
@@ -542,21 +542,23 @@ def test_batch_planner_splits_cached_from_new() -> None:
     a, c = big + 0x30, big + 0x10
     known = {big + 0x20: ("cached",)}
     addrs = [a, big + 0x20, c, a, c, c]
-    out, values, keys, order = b.frames.plan(addrs, known, 1)
+    out, values, adj, keys, order = b.frames.plan(addrs, known, 1)
     assert out == [None, ("cached",), None, None, None, None]
     assert list(struct.unpack(f"{len(values) // 8}Q", values)) == [c - 1, a - 1]
+    assert adj == bytearray([1, 1])
     assert keys == [c, a] and keys[0] is c and keys[1] is a  # first occurrences
     assert list(struct.unpack("6I", order)) == [1, 0xFFFFFFFF, 0, 1, 0, 0]
     b.frames.fill(out, order, [("low",), ("high",)])
     assert out == [("high",), ("cached",), ("low",), ("high",), ("low",), ("low",)]
     # Nothing new: nothing to look up.
-    assert b.frames.plan([big + 0x20], known, 0)[2] == []
+    assert b.frames.plan([big + 0x20], known, 0)[3] == []
     # Sorted on every byte, not just the low ones (radix passes).
     import random
 
     rnd = random.Random(7)
     many = [rnd.getrandbits(64) for _ in range(5000)] + [0, 1 << 63, (1 << 64) - 1]
-    _, values, keys, _ = b.frames.plan(many, {}, 0)
+    _, values, adj, keys, _ = b.frames.plan(many, {}, 0)
+    assert adj is None
     assert list(struct.unpack(f"{len(values) // 8}Q", values)) == sorted(set(many))
     assert keys == sorted(set(many))
 
@@ -564,11 +566,15 @@ def test_batch_planner_splits_cached_from_new() -> None:
                      ([1.5], TypeError)):
         with pytest.raises(err):
             b.frames.plan(bad, {}, 0)
-    with pytest.raises(OverflowError, match="no byte before"):
-        b.frames.plan([0], {}, 1)  # a return address of 0 has no call before it
+    # 0 is no return address (junk from a stack walked without frame
+    # pointers): looked up as is, not one byte early.
+    _, values, adj, _, _ = b.frames.plan([0, 5], {}, 1)
+    assert list(struct.unpack("2Q", values)) == [0, 4] and adj == bytearray([0, 1])
+    with pytest.raises(ValueError, match="adjust"):
+        b.frames.plan([5], {}, 256)
     with pytest.raises(TypeError):
         b.frames.plan(5, {}, 0)
-    out, values, keys, order = b.frames.plan([a], {}, 0)
+    out, values, adj, keys, order = b.frames.plan([a], {}, 0)
     with pytest.raises(ValueError, match="not there"):
         b.frames.fill(out, order, [])
     with pytest.raises(ValueError, match="does not match"):
@@ -588,3 +594,24 @@ def test_batch_of_cached_and_new_addresses(symz: Symbolizer, c_prog: Path) -> No
     assert groups == alone
     assert [g[-1].symbol for g in groups] == ["main", "bz_outer", "bz_middle", "main",
                                              "bz_outer", "bz_middle", "bz_middle"]
+
+
+def test_zero_return_address_does_not_sink_the_batch(symz: Symbolizer) -> None:
+    """A 0 in a stack (junk where a program has no frame pointers) used to
+    fail the whole batch ("addresses must be integers"), and every stack of
+    that process fell back to "process exited before its memory map was
+    read". It is an unknown frame with blazesym's reason; the rest resolve."""
+    real = ctypes_addr()
+    groups = symz.symbolize_process(os.getpid(), [real + 1, 0, real + 1],
+                                    return_addresses=True)
+    assert groups[0][-1].symbol and groups[0] == groups[2]
+    [zero] = groups[1]
+    assert zero.addr == 0 and zero.symbol is None and zero.reason
+    assert "exited" not in zero.reason
+
+
+def ctypes_addr() -> int:
+    """The address of a libc function in this process."""
+    import ctypes
+
+    return ctypes.cast(ctypes.CDLL(None).getpid, ctypes.c_void_p).value or 0
