@@ -615,3 +615,28 @@ def ctypes_addr() -> int:
     import ctypes
 
     return ctypes.cast(ctypes.CDLL(None).getpid, ctypes.c_void_p).value or 0
+
+
+def test_stack_with_a_zero_entry_keeps_its_other_frames() -> None:
+    """Found tracing `uprobe:libc:malloc --stack` on python3.11 (no frame
+    pointers): stacks with a 0 entry showed every frame after the first as
+    "process exited before its memory map was read", in a live process."""
+    from apptrace.events import Event, ProbeInfo
+    from apptrace.stacks import StackTracker
+
+    real = ctypes_addr()
+    probe = ProbeInfo("uprobe", "/lib/libc.so.6", "getpid", "uprobe:libc:getpid")
+    events = [Event(1, os.getpid(), os.getpid(), "t", probe, (), raw_stack=(real, 0, real + 9)),
+              Event(2, os.getpid(), os.getpid(), "t", probe, (), raw_stack=(real, real + 9))]
+    tracker = StackTracker()
+    try:
+        first, second = tracker.symbolize(events)
+    finally:
+        tracker.close()
+    assert first.stack is not None and second.stack is not None
+    assert not tracker.errors
+    assert [f.symbol for f in first.stack][:1] == [second.stack[0].symbol]
+    assert first.stack[0].symbol and "getpid" in first.stack[0].symbol
+    zero = [f for f in first.stack if f.addr == 0]
+    assert len(zero) == 1 and zero[0].reason and "exited" not in zero[0].reason
+    assert first.stack[-1] == second.stack[-1]  # the frame after the 0 resolved alike
