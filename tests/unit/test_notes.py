@@ -548,3 +548,94 @@ def test_addresses_and_functions_agree_with_pyelftools(path: str) -> None:
     assert set(got) == {k for k in funcs if k} and all(got[k] == funcs[k] for k in got)
     if path.endswith("python3.11"):
         assert "PyObject_GetAttr" in got and "_PyEval_EvalFrameDefault" in got
+
+
+# --- the section header table, byte by byte (mutation-testing survivors) -------
+
+_E_SHOFF, _E_SHNUM, _E_SHSTRNDX = 0x28, 0x3C, 0x3E
+_SH_SIZE, _SH_LINK, _SHDR = 0x20, 0x28, 64
+
+
+def _layout(data: bytes) -> tuple[int, int, int]:
+    """(e_shoff, e_shnum, e_shstrndx) of a little-endian ELF64 image."""
+    return (struct.unpack_from("<Q", data, _E_SHOFF)[0],
+            struct.unpack_from("<H", data, _E_SHNUM)[0],
+            struct.unpack_from("<H", data, _E_SHSTRNDX)[0])
+
+
+def _section_rows(tmp_path: Path, data: bytes, name: str = "s.so") -> list[tuple[str, int, int]]:
+    with ElfImage(write(tmp_path, data, name)) as img:
+        return [(s.name, s.number, s.offset) for s in img._section_table()]
+
+
+def test_extended_section_numbering(tmp_path: Path) -> None:
+    """e_shnum 0 and e_shstrndx SHN_XINDEX: the count is in section 0's
+    sh_size and the name table's index in its sh_link (files with more than
+    65279 sections use this)."""
+    data = build_elf(notes=GOOD)
+    plain = _section_rows(tmp_path, data, "plain.so")
+    shoff, shnum, shstrndx = _layout(data)
+    ext = bytearray(data)
+    struct.pack_into("<H", ext, _E_SHNUM, 0)
+    struct.pack_into("<H", ext, _E_SHSTRNDX, 0xFFFF)
+    struct.pack_into("<Q", ext, shoff + _SH_SIZE, shnum)
+    struct.pack_into("<I", ext, shoff + _SH_LINK, shstrndx)
+    assert _section_rows(tmp_path, bytes(ext), "ext.so") == plain
+    assert [n for n, *_ in plain][:3] == ["", ".text", ".data"]
+    assert [i for _, i, _ in plain] == list(range(shnum))
+    # A count that runs past the end of the file.
+    struct.pack_into("<Q", ext, shoff + _SH_SIZE, shnum + 1)
+    with pytest.raises(ElfError, match=": section headers run past the end of the file$"):
+        _section_rows(tmp_path, bytes(ext), "long.so")
+
+
+def test_section_name_table_index_bounds(tmp_path: Path) -> None:
+    data = build_elf(notes=GOOD)
+    _shoff, shnum, shstrndx = _layout(data)
+    assert shstrndx == shnum - 1  # elfwriter puts .shstrtab last
+    for index, ok in ((shnum, False), (0xFFFE, False), (0, True)):
+        bad = bytearray(data)
+        struct.pack_into("<H", bad, _E_SHSTRNDX, index)
+        if ok:  # section 0 as the name table: no names, but a valid table
+            assert {n for n, *_ in _section_rows(tmp_path, bytes(bad))} == {""}
+        else:
+            with pytest.raises(ElfError, match=": section name table index out of range$"):
+                _section_rows(tmp_path, bytes(bad))
+
+
+def test_section_names_at_the_edges_of_the_name_table(tmp_path: Path) -> None:
+    """A name table ending exactly at the end of the file is read; one
+    running past it gives no names; a name without its NUL runs to the
+    table's end; bytes that are not UTF-8 are replaced, not fatal."""
+    data = build_elf(notes=GOOD)
+    shoff, shnum, shstrndx = _layout(data)
+    at = shoff + shstrndx * _SHDR
+    noff, nsize = struct.unpack_from("<QQ", data, at + 0x18)
+    # Move the name table to the very end of the file, without its last NUL.
+    names = bytearray(data[noff:noff + nsize])
+    last = names.rindex(b"\0", 0, len(names) - 1) + 1  # start of the last name
+    names = names[:-1]
+    names[last] = 0xFF  # not UTF-8
+    moved = bytearray(data) + names
+    struct.pack_into("<QQ", moved, at + 0x18, len(data), len(names))
+    got = [n for n, *_ in _section_rows(tmp_path, bytes(moved), "edge.so")]
+    want = [n for n, *_ in _section_rows(tmp_path, data, "orig.so")]
+    # Only the name stored last changed: its first byte replaced, read to the end.
+    [(new, old)] = [(g, w) for g, w in zip(got, want) if g != w]
+    assert len(got) == len(want) and len(old) > 1 and new == "\ufffd" + old[1:]
+    # One byte more than the file holds: no names at all.
+    struct.pack_into("<Q", moved, at + 0x20, len(names) + 1)
+    assert {n for n, *_ in _section_rows(tmp_path, bytes(moved), "past.so")} == {""}
+
+
+def test_empty_and_one_byte_files(tmp_path: Path) -> None:
+    with pytest.raises(ElfError, match=": empty file, not an ELF file$"):
+        ElfImage(write(tmp_path, b"", "empty"))
+    with pytest.raises(ElfError) as one:
+        ElfImage(write(tmp_path, b"\x7f", "one"))
+    assert str(one.value).endswith(": not an ELF file")
+
+
+def test_unopenable_path_says_why(tmp_path: Path) -> None:
+    with pytest.raises(ElfError, match=": cannot open: embedded null byte$"):
+        ElfImage(str(tmp_path) + "/a\0b")
