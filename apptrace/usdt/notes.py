@@ -423,12 +423,13 @@ class ElfImage:
         if ntype != 3:
             raise ElfError(f"stapsdt note of type {ntype} (only version 3 is defined)",
                            path=self.display, note_index=index)
-        asz = 8 if self.is64 else 4
-        if len(desc) < 3 * asz + 3:
+        # Three 8-byte addresses (32-bit objects are refused when opened), then
+        # three NUL-terminated strings.
+        if len(desc) < 3 * 8 + 3:
             raise ElfError(f"descriptor of {len(desc)} bytes is too short",
                            path=self.display, note_index=index)
-        pc, base, sema = struct.unpack_from("<QQQ" if self.is64 else "<III", desc, 0)
-        strings = desc[3 * asz:]
+        pc, base, sema = struct.unpack_from("<QQQ", desc, 0)
+        strings = desc[3 * 8:]
         parts = strings.split(b"\0")
         if len(parts) < 4 or not strings.endswith(b"\0"):
             raise ElfError("provider, name and arguments are not three NUL-terminated"

@@ -639,3 +639,77 @@ def test_empty_and_one_byte_files(tmp_path: Path) -> None:
 def test_unopenable_path_says_why(tmp_path: Path) -> None:
     with pytest.raises(ElfError, match=": cannot open: embedded null byte$"):
         ElfImage(str(tmp_path) + "/a\0b")
+
+
+_TOP = 0xFFFF_FFFF_FFFF_FFF0  # above 2**63: read as unsigned
+
+
+@pytest.mark.parametrize("desc, message", [
+    (stapsdt_desc(PC, 0, 0, "p", "n", "")[:26], "descriptor of 26 bytes is too short"),
+    (struct.pack("<QQQ", PC, 0, 0) + b"\0\0\0", "empty provider or probe name"),
+    (struct.pack("<QQQ", PC, 0, 0) + b"p\0n\0", "provider, name and arguments are not three"
+                                                " NUL-terminated strings"),
+    (struct.pack("<QQQ", PC, 0, 0) + b"p\0n\0a", "provider, name and arguments are not three"
+                                                 " NUL-terminated strings"),
+    (stapsdt_desc(PC, 0, 0, b"\xff", "n", ""), "provider or name is not valid UTF-8"),
+    (stapsdt_desc(_TOP, 0, 0, "p", "n", ""),
+     f"probe p:n at {_TOP:#x} is outside every executable segment"),
+    (stapsdt_desc(PC, 0, _TOP, "p", "n", ""),
+     f"semaphore of p:n at {_TOP:#x} is outside every segment"),
+], ids=["short", "empty-names", "two-strings", "unterminated", "utf8", "pc", "semaphore"])
+def test_malformed_note_messages(tmp_path: Path, desc: bytes, message: str) -> None:
+    """Each way a stapsdt descriptor can be wrong, by its exact message and note."""
+    path = write(tmp_path, build_elf(notes=GOOD + note(b"stapsdt\0", desc)))
+    with pytest.raises(ElfError) as ei:
+        ElfImage(path).sites()
+    assert str(ei.value) == f"{path}, stapsdt note #1: {message}"
+    assert ei.value.note_index == 1 and ei.value.path == path
+
+
+def test_shortest_descriptor_is_read(tmp_path: Path) -> None:
+    """Three addresses and "p", "n", "" are read (27 bytes, the least the
+    length check lets through, is the empty-names case above)."""
+    desc = struct.pack("<QQQ", PC, 0, 0) + b"p\0n\0\0"
+    [good, site] = ElfImage(write(tmp_path, build_elf(notes=GOOD + note(b"stapsdt\0", desc)))
+                            ).sites()
+    assert (site.provider, site.name, site.args) == ("p", "n", ())
+
+
+_E_PHOFF, _E_PHNUM = 0x20, 0x38
+
+
+def test_header_tables_ending_at_the_end_of_the_file(tmp_path: Path) -> None:
+    """A header table that ends on the file's last byte is inside it; one byte
+    less of file, or a table starting at its end, is not."""
+    data = build_elf(notes=GOOD)
+    shoff, shnum, _ = _layout(data)
+    assert shoff + shnum * _SHDR == len(data)  # elfwriter puts them last
+    assert len(ElfImage(write(tmp_path, data, "whole.so")).sites()) == 1
+    cut = data[:-1]
+    with pytest.raises(ElfError, match=f": section headers \\(offset {shoff:#x}\\) run past"):
+        ElfImage(write(tmp_path, cut, "cut.so"))
+    # No sections counted, yet a table offset one entry short of the end.
+    short = bytearray(data[:shoff + _SHDR // 2])
+    struct.pack_into("<H", short, _E_SHNUM, 0)
+    with pytest.raises(ElfError, match="section headers .* run past the end of the file$"):
+        ElfImage(write(tmp_path, bytes(short), "short.so"))
+    at_end = bytearray(data)
+    struct.pack_into("<Q", at_end, _E_SHOFF, len(data))
+    with pytest.raises(ElfError, match="section headers .* run past the end of the file$"):
+        ElfImage(write(tmp_path, bytes(at_end), "at_end.so"))
+
+    # The program header table moved to the very end of the file.
+    phoff, phnum = struct.unpack_from("<Q", data, _E_PHOFF)[0], \
+        struct.unpack_from("<H", data, _E_PHNUM)[0]
+    table = data[phoff:phoff + phnum * 56]
+    moved = bytearray(data) + table
+    struct.pack_into("<Q", moved, _E_PHOFF, len(data))
+    with ElfImage(write(tmp_path, bytes(moved), "ph_end.so")) as img:
+        assert len(img.sites()) == 1 and img.loads
+    for name, end in (("ph_cut.so", len(moved) - 1), ("ph_at_end.so", None)):
+        bad = bytearray(moved[:end])
+        if end is None:
+            struct.pack_into("<Q", bad, _E_PHOFF, len(bad))
+        with pytest.raises(ElfError, match=r": program headers \(offset 0x[0-9a-f]+, 2 x 56"
+                                           r" bytes\) run past the end of the file$"):
+            ElfImage(write(tmp_path, bytes(bad), name))
