@@ -140,11 +140,12 @@ class Argument:
         if self.kind == "register":
             return f"{t} {self.register}" + (f">>{self.shift}" if self.shift else "")
         if self.kind == "memory":
-            addr = (f"&{self.symbol}+" if self.symbol else "") + (self.base or "")
-            if self.index:
-                addr += f"+{self.index}*{self.scale}"
+            terms = [f"&{self.symbol}"] if self.symbol else []
+            terms += [self.base] if self.base else []
+            terms += [f"{self.index}*{self.scale}"] if self.index else []
+            addr = "+".join(terms)
             if self.displacement:
-                addr += f"{self.displacement:+d}"
+                addr += f"{self.displacement:+d}" if addr else str(self.displacement)
             return f"{t} *({addr or 0})"
         sym = self.symbol or ""
         if self.displacement:

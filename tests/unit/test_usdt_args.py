@@ -386,9 +386,42 @@ def test_without_resolver_rip_relative_stays_unresolved() -> None:
     ("8@-8(%rbp)", "u64 *(bp-8)"),
     ("-8@$-1", "s64 $-1"),
     ("8f@-16(%rbp)", "f64 *(bp-16)"),
+    ("8@(%rax)", "u64 *(ax)"),
+    ("8@arr(,%r9,4)", "u64 *(&arr+r9*4)"),  # was "&arr++r9*4"
+    ("4@arr+8(%rax,%rbx,2)", "u32 *(&arr+ax+bx*2+8)"),
+    ("4@8(,%rbx,2)", "u32 *(bx*2+8)"),
+    ("8@g(%rip)", "u64 *&g"),
+    ("8@g-16(%rip)", "u64 *&g-16"),
+    ("4@8(%rip)", "?(rip-relative operand without a symbol)"),
 ])
 def test_describe(token: str, text: str) -> None:
     assert one(token).describe() == text
+
+
+_RESOLVE = {"g": 0x4010, "arr": 0x5000}
+
+
+@pytest.mark.parametrize("token, fields", [
+    ("-4@$-5", {"signed": True, "kind": "constant", "value": -5}),
+    ("-1@%ah", {"signed": True, "kind": "register", "register": "ax", "shift": 8}),
+    ("2@%bx", {"kind": "register", "register": "bx"}),
+    ("-4@-8(%rbp)", {"signed": True, "kind": "memory", "base": "bp", "index": None,
+                     "scale": 1, "displacement": -8}),
+    ("4@arr+8(%rax,%rbx,2)", {"kind": "memory", "base": "ax", "index": "bx", "scale": 2,
+                              "displacement": 8, "symbol": "arr", "address": 0x5008}),
+    ("8@g+16(%rip)", {"kind": "rip_relative", "symbol": "g", "displacement": 16,
+                      "address": 0x4020}),
+    ("8f@%xmm0", {"float": True, "kind": "unavailable",
+                  "reason": "%xmm0 is not in pt_regs; uprobes cannot read FP/SIMD registers"}),
+    ("8@nosuch(%rip)", {"kind": "unavailable", "reason": "no such symbol"}),
+])
+def test_to_json(token: str, fields: dict[str, object]) -> None:
+    """What `usdt list --json` prints per argument: every key, exactly."""
+    [arg] = parse_arguments(token, lambda n: (_RESOLVE.get(n),
+                                              None if n in _RESOLVE else "no such symbol"))
+    size = int(token.split("@")[0].lstrip("-").rstrip("f"))
+    want = {"spec": token, "size": size, "signed": False, "float": False, **fields}
+    assert arg.to_json() == want
 
 
 # --- 10. properties ------------------------------------------------------------------
