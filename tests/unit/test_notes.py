@@ -713,3 +713,38 @@ def test_header_tables_ending_at_the_end_of_the_file(tmp_path: Path) -> None:
         with pytest.raises(ElfError, match=r": program headers \(offset 0x[0-9a-f]+, 2 x 56"
                                            r" bytes\) run past the end of the file$"):
             ElfImage(write(tmp_path, bytes(bad), name))
+
+
+def test_versioned_function_names(tmp_path: Path) -> None:
+    """`name@VER` and `name@@VER` symbols count under their bare name; the
+    first definition of a name wins."""
+    from elfwriter import STT_FUNC, STT_OBJECT
+
+    syms = [Symbol("plain", TEXT.vaddr + 0x10, type=STT_FUNC),
+            Symbol("old@V1", TEXT.vaddr + 0x20, type=STT_FUNC),
+            Symbol("new@@V2", TEXT.vaddr + 0x30, type=STT_FUNC),
+            Symbol("old@@V2", TEXT.vaddr + 0x40, type=STT_FUNC),
+            Symbol("data_not_func", DATA.vaddr, type=STT_OBJECT)]
+    with ElfImage(write(tmp_path, build_elf(notes=GOOD, symbols=syms))) as img:
+        assert img.functions() == {"plain": TEXT.vaddr + 0x10, "old": TEXT.vaddr + 0x20,
+                                   "new": TEXT.vaddr + 0x30}
+
+
+def test_note_headers_at_the_end_of_the_section(tmp_path: Path) -> None:
+    """A note whose last byte is the section's last byte is read; fewer than
+    12 bytes left over are trailing bytes (zeros are padding); each note
+    counts for the index errors name."""
+    two = GOOD + stapsdt_note(PC + 8, 0, 0, "p", "two", "")
+    assert [s.name for s in sites_of(tmp_path, notes=two)] == ["good", "two"]
+    assert [s.name for s in sites_of(tmp_path, notes=two + b"\0" * 11)] == ["good", "two"]
+    # A last note of just its 12-byte header (empty name and descriptor).
+    assert [s.name for s in sites_of(tmp_path, notes=two + note(b"", b""))] == ["good", "two"]
+    with pytest.raises(ElfError) as ei:
+        sites_of(tmp_path, notes=two + b"\0" * 10 + b"\1")
+    assert str(ei.value).endswith("stapsdt note #2: trailing bytes after the last note")
+    # Odd name and descriptor sizes: both padded to 4 bytes.
+    odd = note(b"other\0", b"123") + GOOD
+    assert [s.name for s in sites_of(tmp_path, notes=odd)] == ["good"]
+    with pytest.raises(ElfError) as ei:
+        sites_of(tmp_path, notes=two + stapsdt_note(PC, 0, 0, "p", "x")[:-4])
+    assert ei.value.note_index == 2 and "runs past the end of its section" in str(ei.value)
