@@ -532,3 +532,47 @@ def test_symbol_plus_registers_is_memory_resolved_like_rip_relative(
     assert a.to_json()["symbol"] == a.symbol and a.to_json()["address"] == a.address
     (b,) = parse_arguments(token, lambda name: (None, "not here"))
     assert b.kind == "unavailable" and b.reason == "not here"
+
+
+@pytest.mark.parametrize("token, reason", [
+    ("-4@", "empty operand"),
+    ("3@%eax", "size 3 is not 1, 2, 4 or 8"),
+    ("-2f@-8(%rbp)", "float of size 2"),
+    ("-4@%fs:0x28", "segment-relative operand"),
+    ("8@$abc", "bad immediate '$abc'"),
+    ("8@$0x10000000000000000", "immediate out of 64-bit range"),
+    ("-8@$-9223372036854775809", "immediate out of 64-bit range"),
+    ("-4@%foo", "unknown register '%foo'"),
+    ("4f@%xmm1", "%xmm1 is not in pt_regs; uprobes cannot read FP/SIMD registers"),
+    ("-8@8(%rax,%rbx,2,1)", "bad address '8(%rax,%rbx,2,1)'"),
+    ("-4@8(%rax,%rbx,3)", "scale 3 is not 1/2/4/8"),
+    ("-4@8(%foo)", "unknown register '%foo'"),
+    ("-4@8(%eax)", "%eax cannot be a 64-bit base register"),
+    ("-4@(%ah)", "%ah cannot be a 64-bit base register"),
+    ("-4@8(%rax,%foo,2)", "unknown register '%foo'"),
+    ("-4@8(%rax,%rsp,2)", "%rsp cannot be an index register"),
+    ("-4@8(%rax,%ebx,2)", "%ebx cannot be an index register"),
+    ("-4@8(%rip,%rbx,1)", "%rip with an index"),
+    ("-4@8(%rip)", "rip-relative operand without a symbol"),
+    ("-8@-16", "cannot parse operand '-16'"),
+    ("-8@a+b(%rax)", "two symbols in 'a+b'"),
+    ("-8@-a(%rax)", "negated symbol in '-a'"),
+    ("-8@99999999999999999999999(%rax)",
+     "displacement '99999999999999999999999' is out of the 64-bit range"),
+])
+def test_every_unavailable_branch_keeps_the_argument_shape(token: str, reason: str) -> None:
+    """An argument that cannot be read still says its spec, size, signedness
+    and float-ness (the decoder sizes its slot from them), and exactly why."""
+    size_text = token.split("@")[0]
+    want = {"spec": token, "size": int(size_text.lstrip("-").rstrip("f")),
+            "signed": size_text.startswith("-"), "float": size_text.endswith("f"),
+            "kind": "unavailable", "reason": reason}
+    assert one(token).to_json() == want
+
+
+def test_explicit_scale_of_one_and_base_less_index() -> None:
+    a = one("8@8(%rax,%rbx,1)")
+    assert (a.kind, a.base, a.index, a.scale, a.displacement) == ("memory", "ax", "bx", 1, 8)
+    b = one("4@16(,%rcx,8)")
+    assert (b.kind, b.base, b.index, b.scale) == ("memory", None, "cx", 8)
+    assert b.to_json()["base"] is None
