@@ -748,3 +748,38 @@ def test_note_headers_at_the_end_of_the_section(tmp_path: Path) -> None:
     with pytest.raises(ElfError) as ei:
         sites_of(tmp_path, notes=two + stapsdt_note(PC, 0, 0, "p", "x")[:-4])
     assert ei.value.note_index == 2 and "runs past the end of its section" in str(ei.value)
+
+
+def _patched(data: bytes, at: int, fmt: str, value: int) -> bytes:
+    out = bytearray(data)
+    struct.pack_into(fmt, out, at, value)
+    return bytes(out)
+
+
+_IMG = build_elf(notes=GOOD)
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"\x7fELF\x02", "malformed ELF header (EI_CLASS 0, EI_DATA 0, 5 bytes)"),
+    (_IMG[:6], "malformed ELF header (EI_CLASS 2, EI_DATA 1, 6 bytes)"),
+    (_IMG[:63], "malformed ELF header (EI_CLASS 2, EI_DATA 1, 63 bytes)"),
+    (_patched(_IMG, 4, "B", 3), f"malformed ELF header (EI_CLASS 3, EI_DATA 1, {len(_IMG)} bytes)"),
+    (_patched(_IMG, 5, "B", 0), f"malformed ELF header (EI_CLASS 2, EI_DATA 0, {len(_IMG)} bytes)"),
+    (_patched(_IMG, 16, "<H", ET_REL), "ELF type ET_REL cannot be traced"
+                                      " (need an executable or shared object)"),
+    (_patched(_IMG, 16, "<H", 0xFE00), "ELF type 0xfe00 cannot be traced"
+                                      " (need an executable or shared object)"),
+    (_patched(_IMG, 18, "<H", EM_AARCH64), "machine EM_AARCH64 is not supported (x86-64 only)"),
+    (_patched(_IMG, 18, "<H", 0xBEEF), "machine 48879 is not supported (x86-64 only)"),
+    (_patched(_patched(_IMG, 5, "B", 2), 16, ">H", 3), "big-endian ELF; this host is"
+                                                      " little-endian"),
+    (build_elf(notes=GOOD, is64=False), "32-bit ELF; this host traces 64-bit x86-64 objects"
+                                        " only"),
+], ids=["5-bytes", "6-bytes", "short-header", "class", "data", "rel", "unknown-type",
+        "aarch64", "unknown-machine", "big-endian", "32-bit"])
+def test_header_rejections_say_exactly_why(tmp_path: Path, data: bytes, message: str) -> None:
+    path = write(tmp_path, data)
+    with pytest.raises(ElfError) as ei:
+        ElfImage(path)
+    assert str(ei.value) == f"{path}: {message}"
+    assert ei.value.path == path

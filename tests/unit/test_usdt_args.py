@@ -576,3 +576,20 @@ def test_explicit_scale_of_one_and_base_less_index() -> None:
     b = one("4@16(,%rcx,8)")
     assert (b.kind, b.base, b.index, b.scale) == ("memory", None, "cx", 8)
     assert b.to_json()["base"] is None
+
+
+def test_symbol_addresses_at_the_ends_of_the_address_space() -> None:
+    """symbol + displacement must land in [0, 2**64); both ends are inside."""
+    top = (1 << 64) - 8
+
+    def resolve(name: str) -> tuple[Optional[int], Optional[str]]:
+        return {"zero": 0, "top": top}.get(name), None
+
+    got = parse_arguments("8@zero(%rip) 8@zero-8(%rip) 8@top+7(%rip) 8@top+8(%rip)"
+                          " -4@zero(,%rax,4) 8@gone(%rip)", resolve)
+    assert [a.address for a in got] == [0, None, top + 7, None, 0, None]
+    assert [a.reason for a in got] == [
+        None, "symbol 'zero' + -8 is outside the address space", None,
+        "symbol 'top' + 8 is outside the address space", None, "symbol 'gone' not found"]
+    assert [(a.size, a.signed, a.is_float) for a in got] == [(8, False, False)] * 4 + [
+        (4, True, False), (8, False, False)]
