@@ -92,6 +92,32 @@ def test_spawned_command_stack_and_folded_cli(fixtures_dir):  # type: ignore[no-
     assert "200 events, 0 lost" in r.stderr
 
 
+@pytest.mark.parametrize("symbolize", [True, False])
+def test_folded_counts_in_process(fixtures_dir, symbolize):  # type: ignore[no-untyped-def]
+    """Session.folded() itself (the CLI test above runs it in a subprocess):
+    one line per distinct stack with its kernel count, outermost first, comm
+    first; without symbolization the addresses, the same frames as the
+    symbolized line. After close() the same counts stay readable."""
+    binary = str(fixtures_dir / "stack_chain_nopie")
+    with Session(command=[binary, "40"], symbolize=symbolize) as s:
+        s.add("usdt:apptrace_fx:deep", stack=True, fold=True)
+        s.start()
+        assert s.wait_child(15) == 0
+        folded = s.folded()
+    [(line, count)] = folded.items()
+    assert count == 40
+    parts = line.split(";")
+    assert parts[0] == "stack_chain_nop"  # comm: 15 bytes at most
+    if symbolize:
+        assert parts[-4:] == ["main", "fx::Walker::outer(int)", "inner", "fire_here"]
+        assert "__libc_start_call_main" in parts
+    else:  # outermost first, the probe's own address last
+        addrs = [int(p, 16) for p in parts[1:]]
+        assert len(addrs) >= 4 and all(addrs)
+        assert 0x400000 <= addrs[-1] < 0x800000  # non-PIE: the probe's IP in the binary
+    assert s.folded() == folded  # after close: the last counts
+
+
 def test_stack_json_schema(fixtures_dir):  # type: ignore[no-untyped-def]
     r = subprocess.run([APPTRACE, "trace", "--json", "--stack", "usdt:apptrace_fx:deep", "--",
                         str(fixtures_dir / "stack_chain_pie"), "1"],

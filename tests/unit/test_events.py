@@ -36,3 +36,19 @@ def test_event_json_marks_unavailable_arguments() -> None:
     assert doc == {"ts_ns": 1, "pid": 2, "tid": 3, "comm": "c", "probe": "uprobe:f",
                    "args": [5, None, "s"], "unavailable": {"1": "memory read faulted"}}
     assert "<unavailable: memory read faulted>" in ev.format()
+
+
+def test_thread_names_lookup_reads_proc_and_remembers() -> None:
+    """A record that says "same thread as before" for a thread whose named
+    record was never decoded: the name comes from /proc, "?" once gone."""
+    import os
+    import threading
+
+    from apptrace.engine.decode import ThreadNames
+
+    names = ThreadNames()
+    me = threading.get_native_id()
+    with open(f"/proc/{os.getpid()}/task/{me}/comm") as f:
+        want = f.read().strip()
+    assert names.lookup(os.getpid(), me) == want and names.by_tid[me] == want
+    assert names.lookup(os.getpid(), 1 << 30) == "?" and names.by_tid[1 << 30] == "?"
