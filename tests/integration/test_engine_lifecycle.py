@@ -64,3 +64,14 @@ def test_usdt_method_with_types(fixtures_dir, spawn):  # type: ignore[no-untyped
         events = list(s.events(timeout=10))
     printed = [ln.split()[1:] for ln in child.finish() if ln.startswith("strs ")]
     assert [list(e.args) for e in events] == printed and h.count == 2
+
+
+def test_run_stops_after_count_events(fixtures_dir):  # type: ignore[no-untyped-def]
+    """run(count=N) hands over exactly N events and returns (the fixture makes 50 calls)."""
+    binary = str(fixtures_dir / "uprobe_funcs_nopie")
+    seen = []
+    with Session(command=[binary, "50"]) as s:
+        s.uprobe(binary, "fx_neg", types="int")
+        stats = s.run(seen.append, count=3, duration=20)
+        assert len(seen) == 3 and stats.events >= 3
+        assert all(e.probe.name == "fx_neg" for e in seen)
