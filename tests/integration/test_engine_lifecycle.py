@@ -55,15 +55,22 @@ def test_typed_add_methods_and_callback_reading(fixtures_dir):  # type: ignore[n
     assert stats.events == len(seen) == 12
 
 
-def test_usdt_method_with_types(fixtures_dir, spawn):  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("stack", [False, True])
+def test_usdt_method_with_types(fixtures_dir, spawn, stack):  # type: ignore[no-untyped-def]
+    """Strings, and strings followed by a stack in the same record (the
+    stack's words start after the string buffer)."""
     child = spawn([fixtures_dir / "usdt_args_pie", 2, "wait"])
     with Session(pid=child.pid) as s:
-        h = s.usdt("apptrace_fx", "strs", types="str,str")
+        h = s.usdt("apptrace_fx", "strs", types="str,str", stack=stack)
         s.start()
         child.send()
         events = list(s.events(timeout=10))
     printed = [ln.split()[1:] for ln in child.finish() if ln.startswith("strs ")]
     assert [list(e.args) for e in events] == printed and h.count == 2
+    assert all(e.comm == "usdt_args_pie" and e.truncated == () for e in events)
+    if stack:
+        for e in events:  # the probe's function, then its caller
+            assert [f.symbol for f in e.stack or ()][:2] == ["fire_strs", "main"], e.stack
 
 
 def test_run_stops_after_count_events(fixtures_dir):  # type: ignore[no-untyped-def]

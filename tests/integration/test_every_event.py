@@ -136,14 +136,18 @@ def test_bytes_argument(fixtures_dir: Path) -> None:
     assert [bytes.fromhex(e["args"][1]) for e in evs] == [b"java/", b"java/"]
 
 
-def test_names_after_prctl_and_exec(fixtures_dir: Path) -> None:
+@pytest.mark.parametrize("stack", [False, True], ids=["fast-reader", "general-reader"])
+def test_names_after_prctl_and_exec(fixtures_dir: Path, stack: bool) -> None:
     """One thread hits the same probe as three names: the per-CPU 'same thread'
-    shortcut must notice each rename."""
+    shortcut must notice each rename. With a stack the records take the
+    general decoder, which reads names on its own."""
     copy = fixtures_dir / "fx_exec2"
     with Session(command=[str(fixtures_dir / "usdt_shapes_pie"), "rename", str(copy)],
                  command_stdout=subprocess.DEVNULL) as s:
-        s.add("uprobe:libc:getppid")
+        s.add("uprobe:libc:getppid", stack=stack)
         events = list(s.events(timeout=20))
+    if stack:
+        assert all(e.stack and "getppid" in (e.stack[0].symbol or "") for e in events), events
     assert [e.comm for e in events] == ["usdt_shapes_pie", "fx-renamed", "fx_exec2"]
     assert len({e.pid for e in events}) == 1
 
