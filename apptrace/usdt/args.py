@@ -139,18 +139,13 @@ class Argument:
             return f"{t} ${self.value}"
         if self.kind == "register":
             return f"{t} {self.register}" + (f">>{self.shift}" if self.shift else "")
-        if self.kind == "memory":
+        disp = f"{self.displacement:+d}" if self.displacement else ""
+        if self.kind == "memory":  # always a base or an index (else: unavailable)
             terms = [f"&{self.symbol}"] if self.symbol else []
             terms += [self.base] if self.base else []
             terms += [f"{self.index}*{self.scale}"] if self.index else []
-            addr = "+".join(terms)
-            if self.displacement:
-                addr += f"{self.displacement:+d}" if addr else str(self.displacement)
-            return f"{t} *({addr or 0})"
-        sym = self.symbol or ""
-        if self.displacement:
-            sym += f"{self.displacement:+d}"
-        return f"{t} *&{sym}"
+            return f"{t} *({'+'.join(terms)}{disp})"
+        return f"{t} *&{self.symbol}{disp}"  # rip_relative: always a symbol
 
 
 def split_arguments(text: str) -> list[str]:

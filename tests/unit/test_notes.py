@@ -783,3 +783,21 @@ def test_header_rejections_say_exactly_why(tmp_path: Path, data: bytes, message:
         ElfImage(path)
     assert str(ei.value) == f"{path}: {message}"
     assert ei.value.path == path
+
+
+def test_header_only_files_at_the_size_limits(tmp_path: Path) -> None:
+    """A 64-byte ELF64 file (no segments, no sections) is a readable header
+    with no probes; a 52-byte ELF32 one gets the 32-bit message, not
+    "malformed"; one byte less of either is malformed."""
+    hdr = bytearray(_IMG[:64])
+    struct.pack_into("<QQ", hdr, 0x20, 0, 0)      # e_phoff, e_shoff
+    struct.pack_into("<HHHHHH", hdr, 0x34, 64, 56, 0, 64, 0, 0)  # no phdrs/shdrs
+    with ElfImage(write(tmp_path, bytes(hdr), "hdr64")) as img:
+        assert img.loads == [] and img.section(".note.stapsdt") is None
+    with pytest.raises(ElfError, match=r": malformed ELF header \(EI_CLASS 2, EI_DATA 1, 63"):
+        ElfImage(write(tmp_path, bytes(hdr[:63]), "hdr63"))
+    elf32 = build_elf(notes=GOOD, is64=False)[:52]
+    with pytest.raises(ElfError, match=": 32-bit ELF; "):
+        ElfImage(write(tmp_path, elf32, "hdr52"))
+    with pytest.raises(ElfError, match=r": malformed ELF header \(EI_CLASS 1, EI_DATA 1, 51"):
+        ElfImage(write(tmp_path, elf32[:51], "hdr51"))
