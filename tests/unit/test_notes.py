@@ -801,3 +801,51 @@ def test_header_only_files_at_the_size_limits(tmp_path: Path) -> None:
         ElfImage(write(tmp_path, elf32, "hdr52"))
     with pytest.raises(ElfError, match=r": malformed ELF header \(EI_CLASS 1, EI_DATA 1, 51"):
         ElfImage(write(tmp_path, elf32[:51], "hdr51"))
+
+
+def _with_symbols(*names: str) -> bytes:
+    return build_elf(notes=GOOD, symbols=[Symbol(n, DATA.vaddr + 8 * i)
+                                          for i, n in enumerate(names)])
+
+
+def _shdr_at(data: bytes, tmp_path: Path, name: str) -> int:
+    """File offset of section ``name``'s header."""
+    with ElfImage(write(tmp_path, data, "find.so")) as img:
+        sec = img.section(name)
+        assert sec is not None
+        return _layout(data)[0] + sec.number * _SHDR
+
+
+def _symbols(tmp_path: Path, data: bytes, name: str = "sym.so") -> dict[str, int]:
+    with ElfImage(write(tmp_path, data, name)) as img:
+        return {n: img.resolve_symbol(n)[0] or 0 for n in ("a", "b", "c\ufffd")}
+
+
+def test_symbol_tables_at_their_edges(tmp_path: Path) -> None:
+    data = _with_symbols("a", "b", "cQ").replace(b"cQ\0", b"c\xff\0")  # not UTF-8
+    want = {"a": DATA.vaddr, "b": DATA.vaddr + 8, "c\ufffd": DATA.vaddr + 16}
+    assert _symbols(tmp_path, data) == want
+    at = _shdr_at(data, tmp_path, ".symtab")
+    size = struct.unpack_from("<Q", data, at + _SH_SIZE)[0]
+    # A partial entry at the end of the table is left out, not misread.
+    assert _symbols(tmp_path, _patched(data, at + _SH_SIZE, "<Q", size + 5), "part.so") == want
+    # The same table named .dynsym (a stripped binary): read all the same.
+    dyn = data.replace(b".symtab\0", b".dynsym\0")
+    assert _symbols(tmp_path, dyn, "dyn.so") == want
+    # A table one byte past the end of the file.
+    off = struct.unpack_from("<Q", data, at + 0x18)[0]
+    past = _patched(data, at + _SH_SIZE, "<Q", len(data) - off + 1)
+    with ElfImage(write(tmp_path, past, "past.so")) as img:
+        with pytest.raises(ElfError, match=": section .symtab extends past the end of the file$"):
+            img.resolve_symbol("a")
+    # Linked to a section that does not exist; linked to section 0 (no names).
+    _, shnum, _ = _layout(data)
+    for link, ok in ((shnum, False), (0, True)):
+        bad = _patched(data, at + _SH_LINK, "<I", link)
+        with ElfImage(write(tmp_path, bad, f"link{link}.so")) as img:
+            if ok:
+                assert img.resolve_symbol("a")[0] is None
+            else:
+                with pytest.raises(ElfError, match=": section .symtab links to a missing"
+                                                   " section$"):
+                    img.resolve_symbol("a")
