@@ -743,8 +743,11 @@ def test_note_headers_at_the_end_of_the_section(tmp_path: Path) -> None:
         sites_of(tmp_path, notes=two + b"\0" * 10 + b"\1")
     assert str(ei.value).endswith("stapsdt note #2: trailing bytes after the last note")
     # Odd name and descriptor sizes: both padded to 4 bytes.
-    odd = note(b"other\0", b"123") + GOOD
-    assert [s.name for s in sites_of(tmp_path, notes=odd)] == ["good"]
+    for name in (b"other\0", b"abcd\0", b"abcdefg"):
+        odd = note(name, b"123") + GOOD
+        assert [s.name for s in sites_of(tmp_path, notes=odd)] == ["good"]
+    with pytest.raises(ElfError, match="trailing bytes"):
+        sites_of(tmp_path, notes=two + b"XX")  # not padding, though made of one byte
     with pytest.raises(ElfError) as ei:
         sites_of(tmp_path, notes=two + stapsdt_note(PC, 0, 0, "p", "x")[:-4])
     assert ei.value.note_index == 2 and "runs past the end of its section" in str(ei.value)
