@@ -414,6 +414,8 @@ _RESOLVE = {"g": 0x4010, "arr": 0x5000}
     ("8f@%xmm0", {"float": True, "kind": "unavailable",
                   "reason": "%xmm0 is not in pt_regs; uprobes cannot read FP/SIMD registers"}),
     ("8@nosuch(%rip)", {"kind": "unavailable", "reason": "no such symbol"}),
+    ("-4f@g+4", {"signed": True, "float": True, "kind": "rip_relative", "symbol": "g",
+                 "displacement": 4, "address": 0x4014}),  # a bare symbol, i386 style
 ])
 def test_to_json(token: str, fields: dict[str, object]) -> None:
     """What `usdt list --json` prints per argument: every key, exactly."""
@@ -555,6 +557,9 @@ def test_symbol_plus_registers_is_memory_resolved_like_rip_relative(
     ("-4@8(%rip,%rbx,1)", "%rip with an index"),
     ("-4@8(%rip)", "rip-relative operand without a symbol"),
     ("-8@-16", "cannot parse operand '-16'"),
+    ("-8@16()", "absolute address"),
+    ("-4@8(%rax,%rip,1)", "%rip cannot be an index register"),
+    ("-8@?8(%rax)", "cannot parse displacement '?8'"),
     ("-8@a+b(%rax)", "two symbols in 'a+b'"),
     ("-8@-a(%rax)", "negated symbol in '-a'"),
     ("-8@99999999999999999999999(%rax)",
