@@ -25,6 +25,8 @@ def test_nul_terminated_strings_per_slot() -> None:
     assert [string_value(STR, buf, i, SIZE, ()) for i in range(3)] == [
         "first", "second", "full8byt"]
     assert string_value(STR, strs(b"\xffok"), 0, SIZE, ()) == "\ufffdok"
+    # A slot with no NUL ends at the slot, not in the next one.
+    assert string_value(STR, strs(b"full8byt", b"next"), 0, SIZE, ()) == "full8byt"
 
 
 def test_bytes_n_keeps_nuls_and_stops_at_n() -> None:
@@ -46,6 +48,7 @@ def test_str_of_length_argument(length: int, text: str) -> None:
     t = ArgType("str", "str", len_arg=1)
     buf = strs(b"zzzz", b"a\0bcdefg")
     assert string_value(t, buf, 1, SIZE, (7, length)) == text
+    assert string_value(t, strs(b"\xffbc", b"next"), 0, SIZE, (0, 3)) == "\ufffdbc"
 
 
 def test_str_length_argument_missing_gives_nothing() -> None:
@@ -77,6 +80,8 @@ def test_value_by_type() -> None:
     assert value(f32, _slot(None, is_float=True, size=4)) == -1.5
     # A string slot: from the string buffer, not the 64-bit value.
     assert value(12345, _slot(STR, str_slot=1), strs(b"x", b"yes"), (), SIZE) == "yes"
+    assert value(1, _slot(ArgType("bytes", "bytes", 3), str_slot=0), strs(b"ab\0c"), (),
+                 SIZE) == b"ab\0"
     # A string type without a slot (the BPF side could not read it): the raw value.
     assert value(12345, _slot(STR)) == 12345
 
