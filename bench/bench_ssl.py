@@ -16,10 +16,12 @@ the floor for any tool that hooks SSL_read/SSL_write on this machine (the
 trap into the kernel on every call), so the table shows how much of the
 cost is apptrace and how much is the uprobe mechanism itself.
 
-Client and server are pinned to different CPUs (when there are two): left
-to the scheduler, untraced runs of the same transfer range over 5x here.
-Costs compare medians of interleaved runs; the best runs are shown too
-("the highest rate this machine reaches").
+Client and server are pinned to different CPUs (when there are two). Even
+so, untraced runs of the same transfer range over 5x on this project's
+2-vCPU VMs, and their median can fall below the captured median (probed
+runs are steadier): the medians are shown, but the goal is judged, as the
+issue words it, at the highest rate the machine reaches: the best untraced
+run against the best captured run.
 
 Goal (issue 11): at most 10 % throughput cost and zero loss at the highest
 rate this machine reaches.
@@ -248,6 +250,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     untraced = rate(plain, statistics.median)
     captured = rate(traced, statistics.median)
     cost = (1 - captured / untraced) * 100
+    best_cost = (1 - rate(traced, max) / rate(plain, max)) * 100
     cpu_plain = statistics.median(r["client_cpu_s"] for r in plain)
     cpu_traced = statistics.median(r["client_cpu_s"] for r in traced)
     reader = statistics.median(r["capture_cpu_s"] for r in traced)
@@ -259,20 +262,23 @@ def run(quick: bool = False) -> dict[str, Any]:
         "untraced_best_mb_per_s": round(rate(plain, max), 1),
         "captured_best_mb_per_s": round(rate(traced, max), 1),
         "cost_pct": round(cost, 1), "lost_bytes": lost,
-        "best_cost_pct": round((1 - rate(traced, max) / rate(plain, max)) * 100, 1),
+        "best_cost_pct": round(best_cost, 1),
         "client_cpu_untraced_s": round(cpu_plain, 3), "client_cpu_captured_s": round(cpu_traced, 3),
         "client_cpu_cost_pct": round((cpu_traced / cpu_plain - 1) * 100, 1),
         "capture_process_cpu_s": round(reader, 3),
         "lost_records": sum(r["lost_records"] for r in traced),
         "byte_exact": exact,
         "goal": f"cost <= {GOAL_COST_PCT:.0f}% and zero loss",
-        "goal_met": cost <= GOAL_COST_PCT and lost == 0 and exact,
+        # At the highest rate reached (medians of these runs are too noisy).
+        "goal_met": best_cost <= GOAL_COST_PCT and lost == 0 and exact,
     }
     if bare:
         bare_rate = rate(bare, statistics.median)
         res.update(bare_uprobes_mb_per_s=round(bare_rate, 1),
                    bare_uprobes_best_mb_per_s=round(rate(bare, max), 1),
                    bare_uprobes_cost_pct=round((1 - bare_rate / untraced) * 100, 1),
+                   bare_uprobes_best_cost_pct=round(
+                       (1 - rate(bare, max) / rate(plain, max)) * 100, 1),
                    bare_uprobes_client_cpu_s=round(
                        statistics.median(r["client_cpu_s"] for r in bare), 3))
     return res
@@ -281,12 +287,12 @@ def run(quick: bool = False) -> dict[str, Any]:
 def format_table(res: dict[str, Any]) -> str:
     lines = [f"TLS over loopback, OpenSSL fixture, {res['transfer'].count(',') + 1} x"
              f" {res['transfer'].split(',')[0]} each way:",
-             f"  untraced            {res['untraced_mb_per_s']:8.1f} MB/s",
-             f"  captured, verified  {res['captured_mb_per_s']:8.1f} MB/s"
-             f"   cost {res['cost_pct']:.1f}%",
-             f"  best runs: untraced {res['untraced_best_mb_per_s']:.1f} MB/s (the highest rate"
-             f" seen), captured {res['captured_best_mb_per_s']:.1f} MB/s"
-             f" (cost {res['best_cost_pct']:.1f}%)",
+             "                       best run (the goal)       median",
+             f"  untraced            {res['untraced_best_mb_per_s']:8.1f} MB/s"
+             f"              {res['untraced_mb_per_s']:8.1f} MB/s",
+             f"  captured, verified  {res['captured_best_mb_per_s']:8.1f} MB/s"
+             f"  cost {res['best_cost_pct']:5.1f}%   {res['captured_mb_per_s']:8.1f} MB/s"
+             f"  cost {res['cost_pct']:5.1f}%",
              f"  traced program's CPU: {res['client_cpu_untraced_s']:.3f}s untraced,"
              f" {res['client_cpu_captured_s']:.3f}s captured"
              f" (+{res['client_cpu_cost_pct']:.1f}%); the capturing process used"
@@ -297,10 +303,12 @@ def format_table(res: dict[str, Any]) -> str:
              "  load average during the run: "
              + " ".join(f"{x:.2f}" for x in res["load_average"])]
     if "bare_uprobes_mb_per_s" in res:
-        lines.insert(3, f"  bare uprobes        {res['bare_uprobes_mb_per_s']:8.1f} MB/s   cost"
-                        f" {res['bare_uprobes_cost_pct']:.1f}% (bpftrace, empty programs on"
-                        f" {'/'.join(_FLOOR_FUNCS)}: the floor for any uprobe-based capture;"
-                        f" best {res['bare_uprobes_best_mb_per_s']:.1f} MB/s, client CPU"
+        lines.insert(3, f"  bare uprobes        {res['bare_uprobes_best_mb_per_s']:8.1f} MB/s"
+                        f"  cost {res['bare_uprobes_best_cost_pct']:5.1f}%"
+                        f"   {res['bare_uprobes_mb_per_s']:8.1f} MB/s"
+                        f"  cost {res['bare_uprobes_cost_pct']:5.1f}%")
+        lines.insert(4, f"    (bpftrace, empty programs on {'/'.join(_FLOOR_FUNCS)}: the floor"
+                        f" for any uprobe-based capture; client CPU"
                         f" {res['bare_uprobes_client_cpu_s']:.3f}s)")
     else:
         lines.insert(3, "  bare uprobes: not measured (bpftrace is not installed)")
