@@ -111,7 +111,6 @@ def spawn() -> Iterator[object]:
         c.kill()
 
 
-
 @pytest.fixture(autouse=True)
 def _no_memo_across_mutants() -> None:
     """Under mutation testing (mutmut sets MUTANT_UNDER_TEST once it has
