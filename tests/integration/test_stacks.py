@@ -96,8 +96,8 @@ def test_spawned_command_stack_and_folded_cli(fixtures_dir):  # type: ignore[no-
 def test_folded_counts_in_process(fixtures_dir, symbolize):  # type: ignore[no-untyped-def]
     """Session.folded() itself (the CLI test above runs it in a subprocess):
     one line per distinct stack with its kernel count, outermost first, comm
-    first; without symbolization the addresses, the same frames as the
-    symbolized line. After close() the same counts stay readable."""
+    first; without symbolization the raw addresses, the probe's own last.
+    After close() the same counts stay readable."""
     binary = str(fixtures_dir / "stack_chain_nopie")
     with Session(command=[binary, "40"], symbolize=symbolize) as s:
         s.add("usdt:apptrace_fx:deep", stack=True, fold=True)
