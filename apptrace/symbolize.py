@@ -297,6 +297,7 @@ class StackFrame(tuple):  # type: ignore[type-arg]
 # function. Tuples, because results are cached and handed out again.
 Frames = Sequence[StackFrame]
 _Call = Callable[[Any, int], Any]  # (uint64_t addresses, count) -> blaze_syms result
+_Filed = Callable[[int, list[Frames]], None]  # (index of a chunk's first address, its groups)
 
 
 class _Binding:
@@ -468,7 +469,8 @@ class Symbolizer:
         b = _binding()
         ffi = b.ffi
         self._b = b
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one blazesym call at a time
+        self._cache_lock = threading.Lock()  # the result cache, filed while blazesym runs
         self._code_info = code_info
         self._cached_pids: set[int] = set()
         self._ptr: Any = None
@@ -605,7 +607,7 @@ class Symbolizer:
         if not kept:
             known: dict[int, Frames] = {}  # the caller wants files rebuilt in place noticed
         else:
-            with self._lock:
+            with self._cache_lock:
                 found = self._results.get(key)
                 if found is None:
                     if self._result_count > self.CACHE_LIMIT:
@@ -632,12 +634,16 @@ class Symbolizer:
         except (TypeError, OverflowError) as exc:
             raise _bad_addresses(exc) from exc
         if keys:
+            filed: Optional[_Filed] = None
+            if kept:
+                def file_chunk(k: int, groups: list[Frames]) -> None:
+                    # Each chunk is filed while blazesym looks up the next.
+                    with self._cache_lock:
+                        known.update(zip(keys[k:k + len(groups)], groups))
+                        self._result_count += len(groups)
+                filed = file_chunk
             with _gc_paused():
-                groups = self._run_packed(make_call(), values, adj, len(keys))
-                if kept:
-                    with self._lock:
-                        known.update(zip(keys, groups))
-                        self._result_count += len(keys)
+                groups = self._run_packed(make_call(), values, adj, len(keys), filed)
                 b.frames.fill(out, order, groups)
         return out
 
@@ -653,12 +659,12 @@ class Symbolizer:
                 self._run(make_call(), missing, [adjust] * len(missing) if adjust else None,
                           known)
                 if kept:
-                    with self._lock:
+                    with self._cache_lock:
                         self._result_count += len(missing)
             return list(map(known.__getitem__, addrs))
 
     def _forget_process(self, pid: int) -> None:
-        with self._lock:
+        with self._cache_lock:
             for key in [k for k in self._results if k[0] == "p" and k[1] == pid]:
                 del self._results[key]
 
@@ -772,15 +778,16 @@ class Symbolizer:
         return self._pipelined(call, arr, len(lookup), adj, addrs, into)
 
     def _run_packed(self, call: _Call, values: bytearray, adj: Optional[bytearray],
-                    n: int) -> list[Frames]:
+                    n: int, filed: Optional[_Filed] = None) -> list[Frames]:
         """Frames for ``n`` lookup addresses packed as uint64 (each already
         minus its byte of ``adj``; frames report it added back), in order."""
         arr = self._b.ffi.from_buffer("uint64_t[]", values)
         return self._pipelined(call, arr, n, bytes(adj) if adj is not None else None,
-                               range(n), None)
+                               range(n), None, filed)
 
     def _pipelined(self, call: _Call, arr: Any, n: int, adj: Optional[bytes],
-                   keys: Sequence[int], into: Optional[dict[int, Frames]]) -> list[Frames]:
+                   keys: Sequence[int], into: Optional[dict[int, Frames]],
+                   filed: Optional[_Filed] = None) -> list[Frames]:
         """blazesym calls in chunks on a worker thread, each chunk's frames
         built here while the next chunk is looked up.
 
@@ -789,11 +796,16 @@ class Symbolizer:
         stay one at a time (the lock). Small batches are done in one call.
         ``arr`` holds the ``n`` lookup addresses; frames report each plus its
         byte of ``adj``; ``keys`` are what ``into`` files groups under.
+        ``filed(k, groups)`` is told of each chunk's groups (starting at
+        index ``k``) as soon as they are built.
         """
         b = self._b
         step = self.CHUNK
         if n < 2 * step:
-            return _convert(b, call(arr, n), arr, keys, adj, into)
+            groups = _convert(b, call(arr, n), arr, keys, adj, into)
+            if filed is not None:
+                filed(0, groups)
+            return groups
 
         def native(k: int) -> Any:
             return call(arr + k, min(step, n - k))
@@ -807,8 +819,11 @@ class Symbolizer:
                 pending = None
                 if i + 1 < len(starts):
                     pending = self._worker().submit(native, starts[i + 1])
-                out.extend(_convert(b, res, arr + k, keys[k:k + step],
-                                    adj[k:k + step] if adj is not None else None, into))
+                groups = _convert(b, res, arr + k, keys[k:k + step],
+                                  adj[k:k + step] if adj is not None else None, into)
+                if filed is not None:
+                    filed(k, groups)
+                out.extend(groups)
         finally:
             if pending is not None:  # an error: free what the worker still returns
                 try:

@@ -260,8 +260,11 @@ def run(quick: bool = False) -> dict[str, Any]:
                 base = load_base(proc.pid, binary)
                 # Offset 0 maps to vaddr 0 for gcc's PIE output, so base + vaddr.
                 symz.symbolize_process(proc.pid, [base + a for a in warmup])
-                proc_runs = [timed(lambda s=s: symz.symbolize_process(
-                    proc.pid, [base + a for a in s])) for s in unseen]
+                # Absolute addresses made before the clock starts, as a tracer
+                # has them in its stacks.
+                absolute = [[base + a for a in s] for s in unseen]
+                proc_runs = [timed(lambda s=s: symz.symbolize_process(proc.pid, s))
+                             for s in absolute]
                 results["warm_unseen_process_s"] = min(t for t, _ in proc_runs)
                 proc_frames = proc_runs[0][1]
                 proc.stdin.close()
@@ -302,6 +305,8 @@ def run(quick: bool = False) -> dict[str, Any]:
         results["goal_cached_vs_addr2line_met"] = \
             results["cached_vs_addr2line"] >= GOAL_CACHED_VS_ADDR2LINE
     results["goal_warm_unseen_met"] = results["warm_unseen_per_s"] >= GOAL_WARM_UNSEEN_PER_S
+    results["goal_warm_unseen_process_met"] = \
+        results["warm_unseen_process_per_s"] >= GOAL_WARM_UNSEEN_PER_S
     return results
 
 
@@ -331,8 +336,11 @@ def format_table(r: dict[str, Any]) -> str:
         vs = f"{r[ratio]:.1f}x" if ratio in r else "-"
         lines.append(f"{label:<32}{secs:>10.4f}{r[f'{key}_per_s']:>14,.0f}{other:>12}{vs:>14}")
     lines.append("(addr2line: one `addr2line -f -i -a` process on the same addresses)")
-    goal = "met" if r["goal_warm_unseen_met"] else "MISSED"
-    lines.append(f"goal >= {GOAL_WARM_UNSEEN_PER_S:,} addr/s warm on unseen addresses: {goal}")
+    for key, what in (("goal_warm_unseen_met", "ELF"),
+                      ("goal_warm_unseen_process_met", "process")):
+        goal = "met" if r[key] else "MISSED"
+        lines.append(f"goal >= {GOAL_WARM_UNSEEN_PER_S:,} addr/s warm on unseen addresses"
+                     f" ({what}): {goal}")
     if "goal_cached_vs_addr2line_met" in r:
         goal = "met" if r["goal_cached_vs_addr2line_met"] else "MISSED"
         lines.append(f"goal >= {GOAL_CACHED_VS_ADDR2LINE:.0f}x addr2line from the cache: {goal}")

@@ -596,6 +596,26 @@ def test_batch_of_cached_and_new_addresses(symz: Symbolizer, c_prog: Path) -> No
                                              "bz_outer", "bz_middle", "bz_middle"]
 
 
+def test_pipelined_batch_is_cached_whole(c_prog: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch looked up in chunks (each chunk filed in the cache while
+    blazesym works on the next) is remembered whole: asking again calls
+    blazesym no more and hands back the very same groups."""
+    monkeypatch.setattr(Symbolizer, "CHUNK", 8)
+    start, size = symbols(c_prog)["main"]
+    addrs = list(range(start, start + size))
+    assert len(addrs) > 3 * 8 + 1, "main too small to make several chunks"
+    with Symbolizer() as s:
+        first = s.symbolize_elf(str(c_prog), addrs)
+        assert s._result_count == len(addrs)
+        calls = []
+        real = s._elf_call
+        monkeypatch.setattr(s, "_elf_call", lambda *a, **k: calls.append(a) or real(*a, **k))
+        again = s.symbolize_elf(str(c_prog), list(reversed(addrs)))
+        assert calls == [] and s._result_count == len(addrs)
+    assert all(x is y for x, y in zip(again, reversed(first)))
+    assert all(g[-1].symbol == "main" for g in first)
+
+
 def test_zero_return_address_does_not_sink_the_batch(symz: Symbolizer) -> None:
     """A 0 in a stack (junk where a program has no frame pointers) used to
     fail the whole batch ("addresses must be integers"), and every stack of
