@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -116,6 +117,64 @@ def test_folded_counts_in_process(fixtures_dir, symbolize):  # type: ignore[no-u
         assert len(addrs) >= 4 and all(addrs)
         assert 0x400000 <= addrs[-1] < 0x800000  # non-PIE: the probe's IP in the binary
     assert s.folded() == folded  # after close: the last counts
+
+
+def test_folded_many_stacks_lost_ones_named_and_separators_kept(  # type: ignore[no-untyped-def]
+        fixtures_dir, tmp_path):
+    """4096 distinct stacks at one probe, in a stack map of 16384 buckets:
+    some collide, and the kernel refuses them (EEXIST). Those are counted
+    under one "[stack lost: ...]" line, never dropped or given another
+    stack; every other stack keeps its own line. A ';' in a symbol name
+    (folded output's separator) becomes ':'. The program runs under a short
+    name that is not UTF-8: its comm is decoded with replacement, up to its
+    first NUL."""
+    link = os.path.join(os.fsencode(tmp_path), b"\xfffan")
+    os.symlink(fixtures_dir / "stack_fanout_pie", link)
+    depth = 12
+    with Session(command=[os.fsdecode(link), str(depth)]) as s:
+        s.add("usdt:apptrace_fx:fan", stack=True, fold=True)
+        s.start()
+        assert s.wait_child(60) == 0
+        folded = s.folded()
+    assert sum(folded.values()) == 1 << depth  # every firing counted
+    lost = f"\ufffdfan;[stack lost: {os.strerror(errno.EEXIST)}]"
+    assert folded.get(lost, 0) > 0, sorted(folded)[:3]
+    paths = set()
+    for line, count in folded.items():
+        if line == lost:
+            continue
+        parts = line.split(";")
+        assert parts[0] == "\ufffdfan" and count == 1, line
+        assert parts[-1].strip('"') == "fx:leaf", line  # gcc quotes the asm name
+        turns = [p for p in parts if p in ("go_left", "go_right")]
+        assert len(turns) == depth, line
+        # Outermost first: level k's turn is bit k of the iteration.
+        paths.add(sum(1 << k for k, t in enumerate(turns) if t == "go_right"))
+    assert len(paths) == len(folded) - 1  # no two lines share a stack
+    assert len(paths) + folded[lost] == 1 << depth
+
+
+def test_folded_for_a_process_gone_before_its_maps_were_read(  # type: ignore[no-untyped-def]
+        fixtures_dir):
+    """Traced by path, the program runs and exits before folded() is read:
+    its memory map was never seen. Each stack is placed through its own
+    probe site (four sites of one probe, each in another function), so the
+    program's frames still resolve."""
+    binary = fixtures_dir / "usdt_inline_pie"
+    with Session(path=str(binary)) as s:
+        s.add("usdt:apptrace_fx:inl", stack=True, fold=True)
+        s.start()
+        subprocess.run([binary, "3"], check=True, stdout=subprocess.DEVNULL, timeout=30)
+        folded = s.folded()
+    assert sum(folded.values()) == 12
+    leaves = {}
+    for line, count in folded.items():
+        parts = line.split(";")
+        assert parts[0] == "usdt_inline_pie"
+        # The leaf through the probe site; libc's frames stay addresses.
+        assert parts[-1] == "fire_inl" and parts[1].startswith("0x"), line
+        leaves[parts[-2]] = leaves.get(parts[-2], 0) + count
+    assert leaves == {"site_regs": 3, "site_global": 3, "site_stack": 3, "site_const": 3}
 
 
 def test_stack_json_schema(fixtures_dir):  # type: ignore[no-untyped-def]
