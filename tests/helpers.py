@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import threading
-from typing import Any, NoReturn, Optional
+from typing import Any, Iterator, NoReturn, Optional
 
 import pytest
 
@@ -63,3 +65,19 @@ def require_symbolizer() -> None:
         library_path()
     except SymbolizerError as exc:
         missing(f"blazesym library not built: {exc}")
+
+
+@contextlib.contextmanager
+def fails_after(seconds: float) -> Iterator[None]:
+    """A call that ignores its timeout fails the test instead of hanging it
+    (main thread only: SIGALRM interrupts a blocking wait there)."""
+    def expired(signum: int, frame: object) -> None:
+        raise AssertionError(f"still waiting after {seconds} s: a timeout was ignored")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)

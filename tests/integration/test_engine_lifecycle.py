@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import time
-from typing import Iterator
 
 import pytest
+from helpers import fails_after
 
 from apptrace.errors import ApptraceError
 from apptrace.session import Session
@@ -86,27 +85,12 @@ def test_run_stops_after_count_events(fixtures_dir):  # type: ignore[no-untyped-
         assert all(e.probe.name == "fx_neg" for e in seen)
 
 
-@contextlib.contextmanager
-def _fails_after(seconds: float) -> Iterator[None]:
-    """A call that ignores its timeout fails the test instead of hanging it."""
-    def expired(signum: int, frame: object) -> None:
-        raise AssertionError(f"still waiting after {seconds} s: the timeout was ignored")
-
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
 def test_timeouts_hold_when_nothing_fires(fixtures_dir, spawn):  # type: ignore[no-untyped-def]
     """A target that fires nothing: poll_raw(), run() and wait_child() come
     back when their timeout is up instead of waiting for an event, and a
     session without a command has no child to wait for."""
     quiet = spawn([fixtures_dir / "usdt_loop_pie", 5, "wait"])  # blocked before its loop
-    with _fails_after(10), Session(pid=quiet.pid) as s:
+    with fails_after(10), Session(pid=quiet.pid) as s:
         s.add("usdt:apptrace_fx:loop")
         s.start()
         t0 = time.monotonic()
@@ -115,7 +99,7 @@ def test_timeouts_hold_when_nothing_fires(fixtures_dir, spawn):  # type: ignore[
         took = time.monotonic() - t0
         assert stats.events == 0 and 0.5 <= took < 10
         assert s.child is None and s.wait_child(0.1) is None
-    with _fails_after(10), Session(command=[str(fixtures_dir / "usdt_loop_pie"), "0"]) as s:
+    with fails_after(10), Session(command=[str(fixtures_dir / "usdt_loop_pie"), "0"]) as s:
         s.add("usdt:apptrace_fx:loop")  # the command loops forever
         s.start()
         t0 = time.monotonic()

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from helpers import fails_after
+
 from apptrace.engine.stream import EventStream, Source
 
 
@@ -125,7 +127,8 @@ def test_flush_drains_inside_the_batch_interval() -> None:
     assert stream.poll(0) == []  # the first drain: the interval starts now
     a.push(now_ns() - 1000)
     t0 = time.monotonic()
-    assert stream.poll(0.05) == []
+    with fails_after(10):
+        assert stream.poll(0.05) == []
     assert a.drains == 1
     got = stream.poll(0, flush=True)
     assert time.monotonic() - t0 < 5
@@ -161,7 +164,8 @@ def test_events_stops_at_the_deadline_with_what_arrived() -> None:
     a.push(t - 10)
     b.push(t + 60_000_000_000)
     t0 = time.monotonic()
-    got = list(stream.events(0.3, idle=0.05))
+    with fails_after(10):
+        got = list(stream.events(0.3, idle=0.05))
     took = time.monotonic() - t0
     assert [e.ring for e in got] == ["a", "b"]
     assert 0.25 < took < 5
@@ -177,9 +181,10 @@ def test_events_end_when_the_target_is_gone_and_drained() -> None:
     a.push(t - 10)
     b.push(t - 5)
     seen = []
-    for e in stream.events(None, idle=0.01):
-        seen.append(e.ring)
-        alive[0] = False
+    with fails_after(10):
+        for e in stream.events(None, idle=0.01):
+            seen.append(e.ring)
+            alive[0] = False
     assert seen == ["a", "b"]
     stream.close()
 
