@@ -112,6 +112,20 @@ def spawn() -> Iterator[object]:
 
 
 @pytest.fixture(autouse=True)
+def _no_hang_under_mutation() -> Iterator[None]:
+    """Under mutation testing, a mutant that makes a wait endless fails the
+    first test it stalls within 20 s, instead of holding it until mutmut's
+    timeout for the whole run (minutes per mutant). Tests take 3 s at most."""
+    if "MUTANT_UNDER_TEST" not in os.environ:
+        yield
+        return
+    from helpers import fails_after
+
+    with fails_after(20):
+        yield
+
+
+@pytest.fixture(autouse=True)
 def _no_memo_across_mutants() -> None:
     """Under mutation testing (mutmut sets MUTANT_UNDER_TEST once it has
     chosen a mutant), a result memoized before, at collection in mutmut's
