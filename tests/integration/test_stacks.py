@@ -177,6 +177,21 @@ def test_folded_for_a_process_gone_before_its_maps_were_read(  # type: ignore[no
     assert leaves == {"site_regs": 3, "site_global": 3, "site_stack": 3, "site_const": 3}
 
 
+def test_folded_sums_one_stack_seen_in_two_processes(fixtures_dir):  # type: ignore[no-untyped-def]
+    """Counts are kept per process in the kernel; two processes with the
+    same stack (one binary, run twice without address randomization) make
+    one folded line with the sum of both counts."""
+    binary = str(fixtures_dir / "stack_chain_nopie")
+    with Session(path=binary, symbolize=False) as s:
+        s.add("usdt:apptrace_fx:deep", stack=True, fold=True)
+        s.start()
+        for n in (5, 7):
+            subprocess.run(["setarch", "x86_64", "-R", binary, str(n)], check=True,
+                           stdout=subprocess.DEVNULL, timeout=30)
+        folded = s.folded()
+    assert list(folded.values()) == [12], folded
+
+
 def test_stack_json_schema(fixtures_dir):  # type: ignore[no-untyped-def]
     r = subprocess.run([APPTRACE, "trace", "--json", "--stack", "usdt:apptrace_fx:deep", "--",
                         str(fixtures_dir / "stack_chain_pie"), "1"],
