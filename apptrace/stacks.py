@@ -31,7 +31,7 @@ import os
 import shutil
 import subprocess
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from apptrace.errors import ApptraceError, SymbolizerError
 from apptrace.events import Event
@@ -129,6 +129,7 @@ class StackTracker:
         self._jvm: dict[int, bool] = {}
         # Per JVM: (files our jcmd calls created, attach socket we caused or None).
         self._made: dict[int, tuple[list[str], Optional[str]]] = {}
+        self._own_root: dict[int, bool] = {}  # the process sees our "/" (no container)
         self.errors: collections.deque[str] = collections.deque(maxlen=100)  # latest problems
 
     def watch(self, pid: int, *, force: bool = False) -> None:
@@ -140,6 +141,7 @@ class StackTracker:
         jvm = self._jvm.get(pid)
         if jvm is None:  # read the maps once per process, not at every refresh
             jvm = self._jvm[pid] = is_jvm(pid)
+            self._own_root[pid] = _same_root(pid)
         if jvm and now - self._perfmap.get(pid, -1e9) > self.PERFMAP_EVERY:
             self._perfmap[pid] = now
             if pid not in self._made:  # before our first attach: what exists already
@@ -182,51 +184,71 @@ class StackTracker:
                 continue
             k = 0
             for n, i in enumerate(idxs):
-                frames: list[StackFrame] = list(leaf_f[n])
-                for _ in events[i].raw_stack[1:]:  # type: ignore[index]
-                    frames.extend(ret_f[k])
-                    k += 1
-                if frames and frames[0].symbol is None and anchors:
-                    # The probe's own address unknown: the snapshot predates this
-                    # program (or is gone). Fall back to the probe's binary.
+                nret = len(events[i].raw_stack) - 1  # type: ignore[arg-type]
+                groups = [leaf_f[n], *ret_f[k:k + nret]]
+                k += nret
+                if groups[0][0].symbol is None and anchors:
+                    # The probe's own address unknown: the snapshot predates the
+                    # binary it is in (a library loaded since, then the process
+                    # exited). Place that binary through the probe's site.
                     out[i] = events[i].replace(stack=self._anchored(
-                        events[i].raw_stack or (), anchors[i]))
+                        events[i].raw_stack or (), anchors[i], groups))
                     continue
-                out[i] = events[i].replace(stack=tuple(frames))
+                out[i] = events[i].replace(stack=tuple(f for g in groups for f in g))
         return out
 
-    def _anchored(self, stack: tuple[int, ...],
-                  anchor: Optional[tuple[str, int]]) -> tuple[StackFrame, ...]:
+    def _anchored(self, stack: tuple[int, ...], anchor: Optional[tuple[str, int]],
+                  known: Optional[list[Sequence[StackFrame]]] = None
+                  ) -> tuple[StackFrame, ...]:
+        """Frames for ``stack`` with the probe's binary placed by its site:
+        ``anchor`` = (binary, site vaddr), and frame 0 is that site. Frames
+        outside that binary come from ``known`` (the process lookup), where
+        it resolved them."""
+        def other(i: int, a: int) -> Sequence[StackFrame]:
+            if known is not None and known[i] and known[i][0].symbol is not None:
+                return known[i]
+            return (_unknown(a),)
+
         if not stack or anchor is None or not anchor[1]:
-            return tuple(_unknown(a) for a in stack)
+            return tuple(f for i, a in enumerate(stack) for f in other(i, a))
         from apptrace.usdt.notes import ElfImage
 
-        binary, vaddr = anchor
+        binary, vaddr = self._reachable(anchor[0]), anchor[1]
         bias = stack[0] - vaddr
         try:
             with ElfImage(binary) as img:
                 lo = min(ld[0] for ld in img.loads)
                 hi = max(ld[0] + ld[1] for ld in img.loads)
         except (ApptraceError, ValueError):
-            return tuple(_unknown(a) for a in stack)
+            return tuple(f for i, a in enumerate(stack) for f in other(i, a))
         # Frame 0 is the probe IP; the others are return addresses, looked up at -1.
         inside = [(i, a, a - bias - (1 if i else 0)) for i, a in enumerate(stack)
                   if lo <= a - bias - (1 if i else 0) < hi]
         try:
             found = self.symbolizer.symbolize_elf(binary, [v for _, _, v in inside])
         except SymbolizerError:
-            return tuple(_unknown(a) for a in stack)
+            return tuple(f for i, a in enumerate(stack) for f in other(i, a))
         by_index = {i: (a, got) for (i, a, _), got in zip(inside, found)}
         frames: list[StackFrame] = []
         for i, a in enumerate(stack):
             if i not in by_index:
-                frames.append(_unknown(a))
+                frames.extend(other(i, a))
                 continue
             adj = 1 if i and by_index[i][1] and by_index[i][1][0].symbol is not None else 0
             frames.extend(f.replace(addr=a, module=f.module or binary,
                                   offset=f.offset + (adj if not f.inlined else 0))
                           for f in by_index[i][1])
         return tuple(frames)
+
+    def _reachable(self, path: str) -> str:
+        """A binary opened through ``/proc/PID/root`` as our own path once
+        that process is gone, if it saw our root: a site's binary is named
+        so that containers work, and the name dies with the process."""
+        if path.startswith("/proc/") and not os.path.exists(path):
+            pid, sep, rest = path[len("/proc/"):].partition("/root/")
+            if sep and pid.isdigit() and self._own_root.get(int(pid)):
+                return "/" + rest
+        return path
 
     def close(self) -> None:
         self.symbolizer.close()
@@ -242,6 +264,15 @@ class StackTracker:
                 with contextlib.suppress(OSError):
                     os.unlink(sock)  # the JVM was killed: nobody else will
         self._made.clear()
+
+
+def _same_root(pid: int) -> bool:
+    """Whether the process sees the same "/" as we do (not in a container)."""
+    try:
+        theirs, ours = os.stat(f"/proc/{pid}/root"), os.stat("/")
+    except OSError:
+        return False
+    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
 
 
 def _unknown(addr: int) -> Any:

@@ -192,6 +192,54 @@ def test_folded_sums_one_stack_seen_in_two_processes(fixtures_dir):  # type: ign
     assert list(folded.values()) == [12], folded
 
 
+def test_library_loaded_after_the_snapshot_then_exit(fixtures_dir, spawn):  # type: ignore[no-untyped-def]
+    """The process's memory map was read when tracing began; then it
+    dlopen()s a library, fires the library's probe and exits before a
+    stack is read. The library is placed through the probe's site (its path
+    through /proc/PID/root died with the process: our own path is used when
+    the process saw our root), the program's frames through the snapshot.
+    Every frame of every stack used to come out unknown."""
+    lib = fixtures_dir / "libfxprobes.so"
+    child = spawn([fixtures_dir / "usdt_dlopen_pie", 3])  # holds before dlopen()
+    with Session(pid=child.pid) as s:
+        s.add(f"usdt:{lib}:apptrace_fx:lib_plain", stack=True)
+        s.start()
+        child.send()
+        assert child.proc.wait(30) == 0
+        events = list(s.events(timeout=30))
+    assert len(events) == 3
+    for ev in events:
+        names = [f.symbol for f in ev.stack or ()]
+        assert names[:3] == ["fx_lib_plain_fire", "fx_lib_run", "main"], names
+        assert ev.stack[0].module == str(lib)  # type: ignore[index]
+
+
+def test_snapshot_refreshed_while_polling(fixtures_dir, spawn):  # type: ignore[no-untyped-def]
+    """A library loaded after tracing began, calling into libc where the
+    probe is: the probe's own frame resolves through the first snapshot,
+    the library's frames only through a fresh one, which polling takes."""
+    from apptrace.stacks import StackTracker
+
+    child = spawn([fixtures_dir / "usdt_dlopen_pie", 3, "wait", "hold"])
+    with Session(pid=child.pid) as s:
+        s.add("uprobe:libc:printf", stack=True)
+        s.start()
+        child.send()
+        assert child.readline() == "loaded"
+        time.sleep(StackTracker.REFRESH + 0.3)  # the first snapshot is stale now
+        assert s.poll(0) == []  # a poll refreshes it (the process runs)
+        child.send()
+        assert child.proc.wait(30) == 0
+        events = list(s.events(timeout=30))
+    # At a function's first instruction the frame-pointer walk skips its
+    # direct caller: printf called by fx_lib_plain_fire shows fx_lib_run,
+    # and printf called by fx_lib_run itself (its "sema" line) shows main.
+    stacks = [[f.symbol for f in ev.stack or ()] for ev in events]
+    through_lib = [names for names in stacks if "fx_lib_run" in names]
+    assert len(through_lib) == 3, stacks
+    assert all(names[1:3] == ["fx_lib_run", "main"] for names in through_lib), through_lib
+
+
 def test_stack_json_schema(fixtures_dir):  # type: ignore[no-untyped-def]
     r = subprocess.run([APPTRACE, "trace", "--json", "--stack", "usdt:apptrace_fx:deep", "--",
                         str(fixtures_dir / "stack_chain_pie"), "1"],
