@@ -198,3 +198,109 @@ def test_decode_errors_per_source_and_probe() -> None:
                                                                 ("ring-b", 0): 1}
     stream.close()
     assert stream.poll(0) == [] and stream.drain(0) == []
+
+
+# -- drain(): the batch interval and timeouts --------------------------------------------
+
+
+def one_ring(batch_ms: float) -> tuple[EventStream, MemoryRing]:
+    a = MemoryRing()
+    return EventStream([Source(a, Named("a"), ["p:a"])], batch_ms=batch_ms), a  # type: ignore[arg-type]
+
+
+def timed_drain(stream: EventStream, timeout: float | None) -> tuple[float, int]:
+    t0 = time.monotonic()
+    with fails_after(10):
+        got = stream.drain(timeout)
+    return time.monotonic() - t0, sum(len(recs) for _, recs in got)
+
+
+def test_drain_waits_out_the_batch_interval() -> None:
+    """Data that arrives within the interval is read when it ends, not at once."""
+    stream, a = one_ring(500)
+    assert timed_drain(stream, 0)[1] == 0  # the interval starts now
+    a.push(now_ns())
+    took, n = timed_drain(stream, 2.0)
+    assert n == 1 and 0.4 <= took < 1.5
+    stream.close()
+
+
+def test_drain_inside_the_interval_sleeps_its_timeout_and_reads_nothing() -> None:
+    stream, a = one_ring(10_000)
+    timed_drain(stream, 0)
+    a.push(now_ns())
+    took, n = timed_drain(stream, 0.3)
+    assert n == 0 and a.drains == 1 and 0.25 <= took < 2
+    stream.close()
+
+
+def test_drain_timeout_counts_the_interval_it_waited() -> None:
+    """A timeout longer than the rest of the interval: the wait for data
+    gets what is left of it, not the whole timeout again."""
+    stream, a = one_ring(500)
+    timed_drain(stream, 0)
+    took, n = timed_drain(stream, 0.6)
+    assert n == 0 and 0.55 <= took < 0.9
+    stream.close()
+
+
+def test_drain_without_timeout_waits_for_data() -> None:
+    """drain(None) blocks until a ring has data (here 1.2 s later), and
+    reads what is already there without waiting."""
+    import threading
+
+    stream, a = one_ring(0)
+    a.push(now_ns())
+    assert timed_drain(stream, None)[1] == 1
+    threading.Timer(1.2, a.push, (now_ns(),)).start()
+    took, n = timed_drain(stream, None)
+    assert n == 1 and took >= 1.1
+    stream.close()
+
+
+def test_drain_leaves_the_collector_as_it_was() -> None:
+    """The cyclic collector is paused while records are made, then restored."""
+    import gc
+
+    stream, a = one_ring(0)
+    assert gc.isenabled()
+    a.push(now_ns())
+    assert timed_drain(stream, 0)[1] == 1 and gc.isenabled()
+    gc.disable()
+    try:
+        a.push(now_ns())
+        timed_drain(stream, 0)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    stream.close()
+
+
+def test_probe_index_one_past_the_labels_counts_under_the_ring() -> None:
+    stream, a, b = two_rings()
+    a.push(now_ns() - 10, 2)  # ring a has labels 0 and 1 only
+    stream.poll(0)
+    assert stream.counts.per_probe == {"ring-a": 1}
+    stream.close()
+
+
+def test_events_ends_soon_after_the_target_is_gone() -> None:
+    """With nothing left to read, a gone target ends events() within its
+    idle time (0.2 s by default)."""
+    stream, a, b = two_rings(alive=lambda: False)
+    t0 = time.monotonic()
+    with fails_after(10):
+        assert list(stream.events()) == []
+    assert time.monotonic() - t0 < 0.8
+    stream.close()
+
+
+def test_events_deadline_is_not_overrun() -> None:
+    """Nothing arrives: events(0.3) returns at its deadline, however long
+    the idle wait it was given, and its last read does not wait."""
+    stream, a, b = two_rings()
+    t0 = time.monotonic()
+    with fails_after(20):
+        assert list(stream.events(0.3, idle=5)) == []
+    assert 0.25 <= time.monotonic() - t0 < 0.9
+    stream.close()
