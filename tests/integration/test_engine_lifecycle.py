@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 
 import pytest
@@ -106,3 +107,54 @@ def test_timeouts_hold_when_nothing_fires(fixtures_dir, spawn):  # type: ignore[
         assert s.wait_child(0.3) is None  # still running: no status yet
         assert 0.25 <= time.monotonic() - t0 < 10
         assert s.child is not None and s.child.poll() is None
+
+
+def test_session_options_reach_the_stream(fixtures_dir, spawn):  # type: ignore[no-untyped-def]
+    """batch_ms sets how often the rings are read (a poll right after
+    another waits out the interval); events() waits ``idle`` at a time, so
+    a gone target is noticed within it; a closed session says so."""
+    loop = str(fixtures_dir / "usdt_loop_pie")
+    with fails_after(20), Session(command=[loop, "0"], batch_ms=400,  # fires every 1 ms
+                                  command_stdout=subprocess.DEVNULL) as s:
+        s.add("usdt:apptrace_fx:loop")
+        s.start()
+        s.poll(2)
+        t0 = time.monotonic()
+        got = s.poll(2)
+        assert got and 0.3 <= time.monotonic() - t0 < 1.5
+    with pytest.raises(ApptraceError, match="this session is closed"):
+        s.poll(0)
+    with fails_after(20), Session(command=[str(fixtures_dir / "usdt_early_pie"), "1"]) as s:
+        s.add("usdt:apptrace_fx:early")
+        s.start()
+        assert s.wait_child(10) == 0
+        t0 = time.monotonic()
+        assert len(list(s.events(idle=1.5))) == 1
+        assert 1.2 <= time.monotonic() - t0 < 5  # one idle wait after the last event
+    with fails_after(20), Session(command=[str(fixtures_dir / "usdt_early_pie"), "1"]) as s:
+        s.add("usdt:apptrace_fx:early")
+        s.start()
+        assert s.wait_child(10) == 0
+        t0 = time.monotonic()
+        assert len(list(s.events())) == 1
+        assert time.monotonic() - t0 < 0.8  # the default idle wait is 0.2 s
+
+
+def test_a_fold_only_probe_does_not_hide_the_next(fixtures_dir):  # type: ignore[no-untyped-def]
+    """A folded probe string has no ring; the probe strings after it still
+    deliver their events."""
+    with Session(command=[str(fixtures_dir / "stack_chain_nopie"), "3"]) as s:
+        s.add("usdt:apptrace_fx:deep", stack=True, fold=True)
+        s.add(f"uprobe:{fixtures_dir / 'stack_chain_nopie'}:inner")
+        events = list(s.events(timeout=20))
+        folded = s.folded()
+    assert [e.probe.name for e in events] == ["inner"] * 3
+    assert sum(folded.values()) == 3
+
+
+def test_without_symbolization_stacks_stay_addresses(fixtures_dir):  # type: ignore[no-untyped-def]
+    with Session(command=[str(fixtures_dir / "stack_chain_nopie"), "2"], symbolize=False) as s:
+        s.add("usdt:apptrace_fx:deep", stack=True)
+        events = list(s.events(timeout=20))
+    assert len(events) == 2
+    assert all(e.stack is None and e.raw_stack and len(e.raw_stack) >= 3 for e in events)
