@@ -132,3 +132,31 @@ def test_rare_probe_not_starved_by_a_hot_one(fixtures_dir: Path,
     got, lost, fired = _hot_and_rare(loop, n, stall=0.2)
     assert got["apptrace_fx:rare"] == fired and "usdt:apptrace_fx:rare" not in lost, (got, lost)
     assert got["apptrace_fx:hot"] + lost["usdt:apptrace_fx:hot"] == n
+
+
+def test_spare_ring_batches_name_their_probes(fixtures_dir: Path) -> None:
+    """poll_raw() over the hot and rare probes: the rare probe's records come
+    through the spare ring while the main one is full, in batches that name
+    their probes like the main ring's."""
+    loop = fixtures_dir / "agg_loop_pie"
+    n = 1_000_000
+    got: dict[str, int] = {}
+    with Session(path=str(loop), ringbuf_kb=256) as s:
+        s.add(f"usdt:{loop}:apptrace_fx:*")
+        s.start()
+        proc = subprocess.Popen([str(loop), str(n)], stdout=subprocess.PIPE, text=True)
+        while True:
+            alive = proc.poll() is None
+            for batch in s.poll_raw(0.05):
+                for r in batch.records:
+                    name = batch.probes[r[3]].name
+                    got[name] = got.get(name, 0) + 1
+            if not alive:
+                break
+        out = proc.communicate()[0]
+        lost = dict(s.stats().lost_per_probe)
+    fired = int(out.split("rare ")[1].split()[0])
+    assert got["apptrace_fx:rare"] == fired == n // 1024 + 1
+    assert "usdt:apptrace_fx:rare" not in lost
+    assert lost["usdt:apptrace_fx:hot"] > 0
+    assert got["apptrace_fx:hot"] + lost["usdt:apptrace_fx:hot"] == n
