@@ -158,3 +158,20 @@ def test_without_symbolization_stacks_stay_addresses(fixtures_dir):  # type: ign
         events = list(s.events(timeout=20))
     assert len(events) == 2
     assert all(e.stack is None and e.raw_stack and len(e.raw_stack) >= 3 for e in events)
+
+
+def test_detach_stops_the_counts(fixtures_dir):  # type: ignore[no-untyped-def]
+    """After detach() nothing fires: the target runs on, the counts and the
+    rings stay as they were."""
+    with fails_after(20), Session(command=[str(fixtures_dir / "usdt_loop_pie"), "0"],
+                                  command_stdout=subprocess.DEVNULL) as s:
+        s.add("usdt:apptrace_fx:loop")
+        s.start()
+        assert s.poll(2)
+        s.detach()
+        s.poll(0, flush=True)
+        before = s.stats().events
+        time.sleep(0.3)  # the loop fires every 1 ms
+        assert s.poll(0, flush=True) == [] and s.stats().events == before > 0
+        assert s.child is not None and s.child.poll() is None
+

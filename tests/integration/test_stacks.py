@@ -136,7 +136,9 @@ def test_folded_many_stacks_lost_ones_named_and_separators_kept(  # type: ignore
         s.start()
         assert s.wait_child(60) == 0
         folded = s.folded()
+        stats = s.stats()
     assert sum(folded.values()) == 1 << depth  # every firing counted
+    assert stats.events == stats.per_probe["usdt:apptrace_fx:fan"] == 1 << depth
     lost = f"\ufffdfan;[stack lost: {os.strerror(errno.EEXIST)}]"
     assert folded.get(lost, 0) > 0, sorted(folded)[:3]
     paths = set()

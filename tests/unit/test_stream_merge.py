@@ -196,8 +196,17 @@ def test_decode_errors_per_source_and_probe() -> None:
     errors = stream.decode_errors()
     assert {(s.name, p): n for (s, p), n in errors.items()} == {("ring-a", 1): 3,
                                                                 ("ring-b", 0): 1}
+    fd = stream._epoll.fileno()  # type: ignore[union-attr]
+    a.push(now_ns())
     stream.close()
-    assert stream.poll(0) == [] and stream.drain(0) == []
+    assert stream.poll(0) == [] and stream.drain(0) == []  # closed: rings no longer read
+    try:
+        os.fstat(fd)
+    except OSError:
+        pass
+    else:
+        raise AssertionError("close() left the epoll descriptor open")
+    stream.close()  # twice is fine
 
 
 # -- drain(): the batch interval and timeouts --------------------------------------------
