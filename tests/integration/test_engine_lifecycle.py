@@ -9,7 +9,7 @@ import time
 import pytest
 from helpers import fails_after
 
-from apptrace.errors import ApptraceError
+from apptrace.errors import ApptraceError, SessionStateError
 from apptrace.session import Session
 
 pytestmark = pytest.mark.bpf
@@ -175,3 +175,14 @@ def test_detach_stops_the_counts(fixtures_dir):  # type: ignore[no-untyped-def]
         assert s.poll(0, flush=True) == [] and s.stats().events == before > 0
         assert s.child is not None and s.child.poll() is None
 
+
+
+def test_start_without_probes_says_so(fixtures_dir):  # type: ignore[no-untyped-def]
+    s = Session(command=[str(fixtures_dir / "usdt_early_pie"), "1"])
+    with pytest.raises(SessionStateError, match="^no probes added$"):
+        s.start()
+    with pytest.raises(SessionStateError, match="^no probes added$"):
+        list(s.events(timeout=1))
+    s.close()
+    with pytest.raises(SessionStateError, match="^this session is closed; it is single-use$"):
+        s.start()
