@@ -149,9 +149,12 @@ class TraceCommand(Command):
                     n += 1
                     if args.count is not None and n >= args.count:
                         break
+            stacks_lost = 0
             if args.folded:
                 for key, c in sorted(session.folded().items(), key=lambda kv: -kv[1]):
                     out.write(f"{escape_text(key)} {c}\n")
+                    if key.split(";", 1)[-1].startswith("[stack lost: "):
+                        stacks_lost += c
             stats = session.stats()
             warnings = session.warnings
         finally:
@@ -171,6 +174,13 @@ class TraceCommand(Command):
             if warnings:
                 say(f"apptrace: warning: {len(warnings)} problem(s) while symbolizing;"
                     f" last: {warnings[-1]}")
+            if stacks_lost:
+                # Mostly EEXIST: the stack's hash bucket already held another
+                # stack (the map keeps the first), likelier as it fills.
+                say(f"apptrace: warning: {stacks_lost} of {stats.events} events have no"
+                    " stack: the kernel's stack map refused them (too many distinct"
+                    " stacks for its buckets); they are counted on the"
+                    " \"[stack lost: ...]\" line")
         return command_status(session.exit_status if command else None)
 
 

@@ -156,6 +156,20 @@ def test_folded_many_stacks_lost_ones_named_and_separators_kept(  # type: ignore
     assert len(paths) + folded[lost] == 1 << depth
 
 
+def test_folded_cli_says_how_many_stacks_were_lost(fixtures_dir):  # type: ignore[no-untyped-def]
+    """The summary's "0 lost" counts events; stacks the kernel refused get a
+    warning of their own, with the number on the "[stack lost: ...]" line."""
+    r = subprocess.run([APPTRACE, "trace", "--folded", "usdt:apptrace_fx:fan", "--",
+                        str(fixtures_dir / "stack_fanout_pie"), "12"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    [lost_line] = [ln for ln in r.stdout.splitlines() if "[stack lost: " in ln]
+    lost = int(lost_line.rsplit(" ", 1)[1])
+    assert lost > 0
+    assert (f"apptrace: warning: {lost} of 4096 events have no stack: the kernel's stack"
+            " map refused them") in r.stderr, r.stderr
+
+
 def test_folded_for_a_process_gone_before_its_maps_were_read(  # type: ignore[no-untyped-def]
         fixtures_dir):
     """Traced by path, the program runs and exits before folded() is read:
