@@ -126,6 +126,16 @@ def _no_hang_under_mutation() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
+def _subprocesses_run_the_mutant(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under mutation testing, a test that runs the CLI in a subprocess
+    must run the mutated tree, not the one the venv's editable install
+    points at (that would let every mutant the CLI reaches survive)."""
+    if "MUTANT_UNDER_TEST" in os.environ:
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+            filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+
+
+@pytest.fixture(autouse=True)
 def _no_memo_across_mutants() -> None:
     """Under mutation testing (mutmut sets MUTANT_UNDER_TEST once it has
     chosen a mutant), a result memoized before, at collection in mutmut's
