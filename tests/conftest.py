@@ -129,8 +129,9 @@ def _no_hang_under_mutation() -> Iterator[None]:
 def _subprocesses_run_the_mutant(monkeypatch: pytest.MonkeyPatch) -> None:
     """Under mutation testing, a test that runs the CLI in a subprocess
     must run the mutated tree, not the one the venv's editable install
-    points at (that would let every mutant the CLI reaches survive)."""
-    if "MUTANT_UNDER_TEST" in os.environ:
+    points at. Only for a mutant: the stats run records calls in-process,
+    and its bookkeeping cannot run in a subprocess with another cwd or user."""
+    if "__mutmut_" in os.environ.get("MUTANT_UNDER_TEST", ""):
         monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
             filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
 
