@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -186,3 +187,26 @@ def test_start_without_probes_says_so(fixtures_dir):  # type: ignore[no-untyped-
     s.close()
     with pytest.raises(SessionStateError, match="^this session is closed; it is single-use$"):
         s.start()
+
+
+def test_event_fields_on_the_general_decode_path(fixtures_dir, tmp_path):  # type: ignore[no-untyped-def]
+    """Records with stacks or strings take the general decoder: the comm of
+    a program whose name is not UTF-8 is decoded with replacement, each
+    event names its probe site, and an event without a stack or a cut
+    string says so (None, no indexes)."""
+    link = os.path.join(os.fsencode(tmp_path), b"\xffinl")
+    os.symlink(fixtures_dir / "usdt_inline_pie", link)
+    with fails_after(30), Session(command=[os.fsdecode(link), "2"],
+                                  command_stdout=subprocess.DEVNULL) as s:
+        s.add("usdt:apptrace_fx:inl", stack=True)
+        events = list(s.events(timeout=20))
+    assert len(events) == 8
+    assert {e.comm for e in events} == {"\ufffdinl"}
+    assert sorted(e.site for e in events) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert all(e.raw_stack and e.truncated == () for e in events)
+    binary = str(fixtures_dir / "uprobe_funcs_nopie")
+    with fails_after(30), Session(command=[binary, "2"], command_stdout=subprocess.DEVNULL) as s:
+        s.uprobe(binary, "fx_greet", types="str")
+        events = list(s.events(timeout=20))
+    assert [e.args[0] for e in events] == ["user-3", "user4"]  # as the fixture prints
+    assert all(e.raw_stack is None and e.stack is None and e.truncated == () for e in events)
