@@ -119,6 +119,7 @@ def test_session_options_reach_the_stream(fixtures_dir, spawn):  # type: ignore[
                                   command_stdout=subprocess.DEVNULL) as s:
         s.add("usdt:apptrace_fx:loop")
         s.start()
+        assert 0 < s.attach_seconds < 30
         s.poll(2)
         t0 = time.monotonic()
         got = s.poll(2)
