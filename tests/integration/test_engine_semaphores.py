@@ -578,3 +578,30 @@ def test_concurrent_tracers_do_not_lose_raises(fixtures_dir: Path, spawn: Any, t
                               env=dict(os.environ)) for _ in range(3)]
     assert [p.wait(60) for p in procs] == [0, 0, 0]
     assert sc.counters()["sema_pong"] == 3 * n
+
+
+def test_procmem_semaphores_in_a_spawned_command_in_process(fixtures_dir: Path,
+                                                            tmp_path: Path) -> None:
+    """procmem semaphores for a command: raised in the new image right
+    after its exec, before its first instruction, so its first checks see
+    them (the CLI's test in test_every_event.py, through Session itself)."""
+    out = tmp_path / "out.txt"
+    r, w = os.pipe()
+    os.write(w, b"\n\n\n")  # a line per round; then EOF ends the program
+    os.close(w)
+    saved = os.dup(0)
+    os.dup2(r, 0)  # the command inherits our stdin
+    os.close(r)
+    try:
+        with open(out, "wb") as f, Session(command=[str(fixtures_dir / "usdt_sema_pie")],
+                                           semaphores="procmem", command_stdout=f) as s:
+            s.usdt("apptrace_fx", "sema_ping", types="int,long")
+            s.start()
+            os.dup2(saved, 0)
+            events = list(s.events(timeout=30))
+    finally:
+        os.dup2(saved, 0)
+        os.close(saved)
+    assert [list(e.args) for e in events] == [[n * 7 - 3, n * -100000000007 + 42]
+                                              for n in range(3)]
+    assert out.read_text().count("sema sema_ping 1") == 3
