@@ -156,6 +156,26 @@ def test_folded_many_stacks_lost_ones_named_and_separators_kept(  # type: ignore
     assert len(paths) + folded[lost] == 1 << depth
 
 
+def test_events_of_a_process_gone_before_its_maps_were_read(fixtures_dir):  # type: ignore[no-untyped-def]
+    """The event path's fallback for a process never seen alive (traced by
+    path, read after it exited): each stack is placed through its own
+    event's probe site, and decoding leaves the collector enabled."""
+    import gc
+
+    binary = fixtures_dir / "usdt_inline_pie"
+    with Session(path=str(binary)) as s:
+        s.add("usdt:apptrace_fx:inl", stack=True)
+        s.start()
+        subprocess.run([binary, "2"], check=True, stdout=subprocess.DEVNULL, timeout=30)
+        events = list(s.events(timeout=2))
+    assert gc.isenabled()
+    funcs = ["site_regs", "site_global", "site_stack", "site_const"]
+    assert sorted(e.site for e in events) == [0, 0, 1, 1, 2, 2, 3, 3]
+    for e in events:
+        names = [f.symbol for f in e.stack or ()]
+        assert names[:2] == ["fire_inl", funcs[e.site]], (e.site, names)
+
+
 def test_folded_cli_says_how_many_stacks_were_lost(fixtures_dir):  # type: ignore[no-untyped-def]
     """The summary's "0 lost" counts events; stacks the kernel refused get a
     warning of their own, with the number on the "[stack lost: ...]" line."""
