@@ -47,7 +47,7 @@ def test_truncated_strings_are_counted(fixtures_dir):  # type: ignore[no-untyped
         st = s.stats()
     # "hello-<name>" does not fit in 8 bytes: 7 characters and the NUL arrive.
     assert [len(e.args[0]) for e in events] == [7, 7, 7]
-    assert all(e.args[0] == "hello-u" for e in events)
+    assert all(e.args[0] == "hello-u" and e.truncated == (0,) for e in events)
     assert st.truncated_strings == 3 and st.lost == 0
 
 
