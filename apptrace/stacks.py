@@ -10,7 +10,9 @@ stops after the first frame or two.
 Processes that exit before we symbolize: the session snapshots each traced
 process's memory map (blazesym's ``cache_process``) when it first sees it and
 again now and then while it runs, so a stack is still symbolized after the
-process is gone.
+process is gone. A probe in a binary mapped after the last snapshot (a
+library loaded, fired, and the process gone before the next refresh) is
+placed through the probe's own site in that binary.
 
 Java: for a JVM, ``jcmd PID Compiler.perfmap`` writes ``/tmp/perf-<nspid>.map``
 (JDK 17+); blazesym reads it for addresses in JIT code. For a JVM in another
@@ -187,7 +189,7 @@ class StackTracker:
                 nret = len(events[i].raw_stack) - 1  # type: ignore[arg-type]
                 groups = [leaf_f[n], *ret_f[k:k + nret]]
                 k += nret
-                if groups[0][0].symbol is None and anchors:
+                if groups[0] and groups[0][0].symbol is None and anchors:
                     # The probe's own address unknown: the snapshot predates the
                     # binary it is in (a library loaded since, then the process
                     # exited). Place that binary through the probe's site.
