@@ -145,8 +145,8 @@ class Session:
             from apptrace.expr import parse
 
             if fold:
-                raise OptionError("where", where, "no filter with fold (stacks are counted"
-                                  " without reading arguments)")
+                raise OptionError("where", where, "left out with fold (stacks are counted"
+                                  " in the kernel without reading arguments)")
             parse(where)  # a syntax error names its column now
         h = ProbeHandle(parse_probe(spec, stack=stack or fold), _session=self, fold=fold,
                         where=where)

@@ -294,6 +294,15 @@ def test_session_checks_its_arguments() -> None:
             Session(**kw)  # type: ignore[arg-type]
         assert text in str(info.value), (kw, str(info.value))
         assert isinstance(info.value, ValueError)
+    with pytest.raises(E.OptionError) as info:
+        Session(semaphores="both")
+    assert str(info.value) == "semaphores must be 'kernel' or 'procmem' (got 'both')"
+    with pytest.raises(E.OptionError) as info:
+        Session().add("usdt:x:p:n", fold=True, where="arg0 > 1")
+    assert str(info.value) == ("where must be left out with fold (stacks are counted in the"
+                               " kernel without reading arguments) (got 'arg0 > 1')")
+    s = Session()  # the documented defaults
+    assert (s.str_max, s.stack_depth, s.batch_ms, s.symbolize) == (64, 32, 5.0, True)
 
 
 # --- one exception hierarchy -------------------------------------------------------------
