@@ -298,6 +298,10 @@ def test_session_checks_its_arguments() -> None:
         Session(semaphores="both")
     assert str(info.value) == "semaphores must be 'kernel' or 'procmem' (got 'both')"
     with pytest.raises(E.OptionError) as info:
+        Session(semaphores="procmem")
+    assert str(info.value) == ("semaphores must be 'kernel' without a pid or command:"
+                               " procmem writes one process's memory (got 'procmem')")
+    with pytest.raises(E.OptionError) as info:
         Session().add("usdt:x:p:n", fold=True, where="arg0 > 1")
     assert str(info.value) == ("where must be left out with fold (stacks are counted in the"
                                " kernel without reading arguments) (got 'arg0 > 1')")
