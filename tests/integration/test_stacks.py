@@ -202,7 +202,9 @@ def test_folded_for_a_process_gone_before_its_maps_were_read(  # type: ignore[no
         s.start()
         subprocess.run([binary, "3"], check=True, stdout=subprocess.DEVNULL, timeout=30)
         folded = s.folded()
+        stats = s.stats()
     assert sum(folded.values()) == 12
+    assert stats.per_probe == {"usdt:apptrace_fx:inl": 12} and stats.events == 12
     leaves = {}
     for line, count in folded.items():
         parts = line.split(";")
