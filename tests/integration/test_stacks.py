@@ -117,6 +117,7 @@ def test_folded_counts_in_process(fixtures_dir, symbolize):  # type: ignore[no-u
         assert len(addrs) >= 4 and all(addrs)
         assert 0x400000 <= addrs[-1] < 0x800000  # non-PIE: the probe's IP in the binary
     assert s.folded() == folded  # after close: the last counts
+    assert s.warnings == []  # readable after close too
 
 
 def test_folded_many_stacks_lost_ones_named_and_separators_kept(  # type: ignore[no-untyped-def]

@@ -307,7 +307,7 @@ def test_session_checks_its_arguments() -> None:
                                " kernel without reading arguments) (got 'arg0 > 1')")
     s = Session()  # the documented defaults
     assert (s.str_max, s.stack_depth, s.batch_ms, s.symbolize) == (64, 32, 5.0, True)
-    assert s.probes == []  # nothing resolved before start()
+    assert s.probes == [] and s.warnings == []  # nothing resolved before start()
     # String slots are whole 8-byte words; batch_ms may be 0 (read at once),
     # up to 10 s.
     assert [Session(str_max=n).str_max for n in (1, 8, 9, 63)] == [8, 8, 16, 64]
